@@ -1,0 +1,27 @@
+"""Text-image data for Stable Diffusion fine-tuning: records, transforms and the MindSpore pipeline."""
+from .dataset import (
+    ResumableShardedSampler,
+    TextImageDataset,
+    create_dataloader,
+    decode_sample_key,
+    encode_sample_key,
+)
+from .sources import DataError, Record, load_records
+from .tokenizer import write_tiny_clip_tokenizer
+from .transforms import ImageTransform, apply_params, decode_image, to_rgb
+
+__all__ = [
+    "DataError",
+    "Record",
+    "load_records",
+    "ImageTransform",
+    "apply_params",
+    "decode_image",
+    "to_rgb",
+    "TextImageDataset",
+    "ResumableShardedSampler",
+    "create_dataloader",
+    "encode_sample_key",
+    "decode_sample_key",
+    "write_tiny_clip_tokenizer",
+]

@@ -1,0 +1,217 @@
+"""Reading (image, caption) records from the dataset layouts we accept.
+
+Supported layouts for ``load_records(path)``, checked in this order:
+
+* parquet: a ``.parquet`` file, or a folder with ``*.parquet`` files directly inside it or under
+  ``data/`` (the Hugging Face export, e.g. the OnePiece BLIP-captions dataset). The image column
+  is either the HF ``Image`` struct ``{bytes, path}``, raw bytes, or a path string.
+* imagefolder: a folder with ``metadata.jsonl`` (diffusers' layout), or that ``.jsonl`` file itself.
+  Each line is a JSON object naming an image file relative to the folder and its caption.
+* csv: a ``.csv`` file, or a folder holding exactly one, with a header row; image paths are
+  relative to the CSV's folder.
+
+Images are not decoded here: a record holds encoded bytes or a file path, so loading stays fast
+and a corrupt image is only reported (or skipped) when the dataset reads it.
+"""
+import csv
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import UserError
+
+__all__ = ["DataError", "Record", "load_records", "IMAGE_PATH_FALLBACKS"]
+
+
+class DataError(UserError):
+    """A problem with the training data; the message is one line naming the file and row/column."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training sample before decoding.
+
+    ``origin`` says where it came from for error messages: ``"<file> row N"`` (0-based parquet row),
+    ``"metadata.jsonl line N"`` or ``"<file>.csv line N"`` (1-based file line, the header is line 1).
+    """
+
+    image: Union[bytes, str]  # encoded image bytes, or a path to an image file
+    caption: Union[str, List[str]]  # a list means "pick one at random per sample"
+    origin: str
+
+
+# When the default image column "image" is absent from a jsonl/CSV file, these columns, tried in
+# order, are taken to hold the image path (diffusers' imagefolder uses "file_name").
+IMAGE_PATH_FALLBACKS = ("file_name", "path", "image_path")
+DEFAULT_IMAGE_COLUMN = "image"
+
+
+def load_records(
+    path: Union[str, Path], image_column: str = "image", caption_column: str = "text"
+) -> List[Record]:
+    """Read every record of the dataset at ``path`` (see the module docstring for layouts)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset path does not exist: {path}")
+
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            records = _read_parquet_files([path], image_column, caption_column)
+        elif suffix == ".jsonl":
+            records = _read_jsonl(path, image_column, caption_column)
+        elif suffix == ".csv":
+            records = _read_csv(path, image_column, caption_column)
+        else:
+            raise DataError(f"{path}: unknown dataset file type (expected .parquet, .jsonl or .csv)")
+    else:
+        parquet_files = sorted(path.glob("*.parquet")) or sorted((path / "data").glob("*.parquet"))
+        csv_files = sorted(path.glob("*.csv"))
+        if parquet_files:
+            records = _read_parquet_files(parquet_files, image_column, caption_column)
+        elif (path / "metadata.jsonl").is_file():
+            records = _read_jsonl(path / "metadata.jsonl", image_column, caption_column)
+        elif len(csv_files) == 1:
+            records = _read_csv(csv_files[0], image_column, caption_column)
+        elif len(csv_files) > 1:
+            names = ", ".join(f.name for f in csv_files)
+            raise DataError(f"{path}: several CSV files ({names}); pass the one to use")
+        else:
+            raise DataError(
+                f"{path}: unknown dataset layout (expected *.parquet, data/*.parquet, "
+                "metadata.jsonl or one .csv file)"
+            )
+
+    if not records:
+        raise DataError(f"{path}: dataset is empty (no rows)")
+    return records
+
+
+# --------------------------------------------------------------------------------------- parquet
+
+
+def _read_parquet_files(files: Sequence[Path], image_column: str, caption_column: str) -> List[Record]:
+    records = []
+    for file in files:
+        try:
+            columns = pq.read_schema(file).names
+            _require_column(image_column, columns, file)
+            _require_column(caption_column, columns, file)
+            table = pq.read_table(file, columns=[image_column, caption_column])
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{file}: cannot read parquet: {_one_line(exc)}") from exc
+
+        images = table.column(image_column).to_pylist()
+        captions = table.column(caption_column).to_pylist()
+        for row, (image, caption) in enumerate(zip(images, captions)):
+            origin = f"{file.name} row {row}"
+            records.append(
+                Record(_image_cell(image, file.parent, origin), _caption_cell(caption, origin), origin)
+            )
+    return records
+
+
+# ----------------------------------------------------------------------------------- jsonl / csv
+
+
+def _read_jsonl(file: Path, image_column: str, caption_column: str) -> List[Record]:
+    rows = []  # (line number, JSON object)
+    with open(file, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{file.name} line {line_number}: invalid JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{file.name} line {line_number}: expected a JSON object")
+            rows.append((line_number, row))
+    return _records_from_rows(rows, file, image_column, caption_column)
+
+
+def _read_csv(file: Path, image_column: str, caption_column: str) -> List[Record]:
+    # utf-8-sig drops the byte-order mark spreadsheet programs like to add.
+    with open(file, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise DataError(f"{file}: CSV file has no header row")
+        # reader.line_num is the file line where the row ended (the header is line 1).
+        rows = [(reader.line_num, row) for row in reader]
+    return _records_from_rows(rows, file, image_column, caption_column, reader.fieldnames)
+
+
+def _records_from_rows(
+    rows: Iterable[tuple],
+    file: Path,
+    image_column: str,
+    caption_column: str,
+    columns: Optional[List[str]] = None,
+) -> List[Record]:
+    """Records from ``(line number, dict)`` jsonl/CSV rows; image paths are relative to the file."""
+    rows = list(rows)
+    if not rows:
+        return []
+    if columns is None:  # jsonl has no header: the first object's keys stand in for it
+        columns = list(rows[0][1])
+
+    fallbacks = IMAGE_PATH_FALLBACKS if image_column == DEFAULT_IMAGE_COLUMN else ()
+    image_column = _require_column(image_column, columns, file, fallbacks)
+    caption_column = _require_column(caption_column, columns, file)
+
+    records = []
+    for number, row in rows:
+        origin = f"{file.name} line {number}"
+        for column in (image_column, caption_column):
+            if column not in row:
+                raise DataError(f"{origin}: missing column '{column}'")
+        image = _image_cell(row[image_column], file.parent, origin)
+        records.append(Record(image, _caption_cell(row[caption_column], origin), origin))
+    return records
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _require_column(name: str, columns: Sequence[str], file: Path, fallbacks: Sequence[str] = ()) -> str:
+    """Return the column to use for ``name``, or raise naming the file and the nearest column."""
+    if name in columns:
+        return name
+    for alternative in fallbacks:
+        if alternative in columns:
+            return alternative
+    nearest = difflib.get_close_matches(name, list(columns), n=1, cutoff=0.0)
+    hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
+    available = ", ".join(columns) or "none"
+    raise DataError(f"{file}: no column '{name}' (columns: {available}){hint}")
+
+
+def _image_cell(value, folder: Path, origin: str) -> Union[bytes, str]:
+    if isinstance(value, dict):
+        # Hugging Face Image feature: embedded bytes, or else a path relative to the file.
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 0:
+        return bytes(value)
+    if isinstance(value, str) and value:
+        return str(folder / value)
+    raise DataError(f"{origin}: image cell has neither image bytes nor a path")
+
+
+def _caption_cell(value, origin: str) -> Union[str, List[str]]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value):
+        return list(value)
+    raise DataError(
+        f"{origin}: caption must be a string or a non-empty list of strings, got {value!r:.60}"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+

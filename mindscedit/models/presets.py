@@ -1,0 +1,91 @@
+"""UNet / VAE / CLIP configurations: the real Stable Diffusion shapes and tiny ones for tests.
+
+The real configs let benchmarks and parameter counts run with random weights (speed, memory and
+counts do not depend on the values); the tiny ones keep the architecture but shrink every width.
+"""
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+SD21_UNET = dict(
+    SD15_UNET,
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+
+# The mid-size config of the CPU benchmarks (see README, performance section).
+MID_UNET = dict(
+    SD15_UNET,
+    sample_size=32,
+    block_out_channels=(32, 64, 128, 128),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+)
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=32,
+)
+
+UNET_PRESETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "mid": MID_UNET, "tiny": TINY_UNET}
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 32),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.18215,
+)
+
+TINY_CLIP_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+)
+
+# DDPM training schedule of SD1.x/2.x (scaled_linear betas 0.00085..0.012 over 1000 steps).
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def unet_preset(name: str) -> dict:
+    try:
+        return dict(UNET_PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown model_config '{name}': choose one of {', '.join(UNET_PRESETS)}") from None

@@ -1,0 +1,52 @@
+"""MindSpore context: device, graph mode, jit level and data-parallel setup."""
+import logging
+import os
+from dataclasses import dataclass
+
+import mindspore as ms
+
+logger = logging.getLogger("mindscedit")
+
+
+@dataclass
+class Runtime:
+    device_target: str
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    try:
+        from mindspore import hal
+
+        if hal.is_available("Ascend"):
+            return "Ascend"
+    except Exception:  # no Ascend plugin installed: this is a CPU machine
+        pass
+    return "CPU"
+
+
+def launched_by_msrun() -> bool:
+    return "MS_WORKER_NUM" in os.environ or "RANK_SIZE" in os.environ and int(os.environ["RANK_SIZE"]) > 1
+
+
+def init_runtime(device_target: str = "auto", distributed: bool = False, deterministic: bool = False) -> Runtime:
+    """GRAPH_MODE on the chosen device; with `distributed` (or under msrun) data parallel, gradient mean."""
+    device_target = detect_device(device_target)
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=device_target)
+    if deterministic:
+        ms.set_context(deterministic="ON")
+    if distributed or launched_by_msrun():
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        ms.reset_auto_parallel_context()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+        return Runtime(device_target, rank=get_rank(), world_size=get_group_size())
+    return Runtime(device_target)

@@ -1,0 +1,142 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint is a folder `checkpoint-<step>` holding the method's weights (loadable on their own),
+`training_state.safetensors` (trainable weights, optimizer moments and step, loss scale) and,
+written last, `state.json`. It is written under a temporary name and renamed into place only
+when complete, so a crash, a kill or a full disk mid-save leaves the previous checkpoint intact.
+"""
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import numpy as np
+import mindspore as ms
+from safetensors.numpy import load_file, save_file
+
+from ..errors import UserError
+
+STATE_FILE = "state.json"
+TRAINING_STATE_FILE = "training_state.safetensors"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_folder(final_path: str):
+    """Yield a temporary folder; on success it replaces `final_path` in one rename."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final_path)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if os.path.exists(final_path):
+            old = f"{tmp}.old"
+            os.rename(final_path, old)
+            os.rename(tmp, final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Temporary folders left by a killed save are never complete: remove them."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(".") and ".tmp-" in name:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoints (those with state.json), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> None:
+    """Keep the newest `total_limit` complete checkpoints; the newest is never removed."""
+    if not total_limit:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
+    """'latest' -> newest complete checkpoint in output_dir (None if there is none yet)."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(output_dir, resume_from_checkpoint)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise UserError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a complete checkpoint")
+    return path
+
+
+def _named_state_parameters(train_step) -> Dict[str, ms.Parameter]:
+    """Everything that changes during training: trainable weights, AdamW moments and step, loss scale.
+
+    Keys use each weight's path in the UNet (Parameter.name depends on how Cells were wrapped).
+    """
+    unet_names = {id(p): name for name, p in train_step.model.unet.parameters_and_names()}
+    optimizer = train_step.optimizer
+    params = {"optimizer/global_step": optimizer.global_step}
+    for p, exp_avg, exp_avg_sq in zip(optimizer.parameters, optimizer.exp_avg, optimizer.exp_avg_sq):
+        name = unet_names[id(p)]
+        params[f"param/{name}"] = p
+        params[f"adam_m/{name}"] = exp_avg
+        params[f"adam_v/{name}"] = exp_avg_sq
+    scaler = train_step.grad_scaler.loss_scaler
+    params["loss_scaler/scale_value"] = scaler.scale_value
+    params["loss_scaler/counter"] = scaler.counter
+    return params
+
+
+def save_training_state(folder: str, train_step, state: dict) -> None:
+    arrays = {key: p.asnumpy() for key, p in _named_state_parameters(train_step).items()}
+    save_file(arrays, os.path.join(folder, TRAINING_STATE_FILE))
+    with open(os.path.join(folder, STATE_FILE), "w") as f:  # written last: marks the folder complete
+        json.dump(state, f, indent=2)
+
+
+def load_training_state(folder: str, train_step) -> dict:
+    """Restore weights, optimizer and loss scaler from `folder`; returns its state.json."""
+    file = os.path.join(folder, TRAINING_STATE_FILE)
+    if not os.path.isfile(file):
+        raise UserError(f"checkpoint {folder} has no {TRAINING_STATE_FILE}")
+    arrays = load_file(file)
+    params = _named_state_parameters(train_step)
+    for key, param in params.items():
+        if key not in arrays:
+            raise UserError(f"{file}: missing '{key}' (was it saved by another method or model?)")
+        if tuple(arrays[key].shape) != tuple(param.shape):
+            raise UserError(f"{file}: '{key}' has shape {arrays[key].shape}, expected {tuple(param.shape)}")
+    for key, param in params.items():
+        param.set_data(ms.Tensor(arrays[key], param.dtype))
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        return json.load(f)

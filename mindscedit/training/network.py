@@ -1,0 +1,42 @@
+"""The forward pass of one training step: frozen VAE and text encoder, the UNet, the loss."""
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..losses import DiffusionLoss
+
+
+class LatentDiffusionTrainNet(nn.Cell):
+    """pixels, token ids and host-drawn randomness -> scalar loss.
+
+    All randomness (VAE posterior noise, diffusion noise, timesteps) comes in as inputs, drawn on
+    the host from a generator seeded by (seed, rank, micro-step). Steps are then reproducible
+    across resumes and independent of graph-side RNG state.
+    """
+
+    def __init__(self, unet, vae, text_encoder, loss: DiffusionLoss):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.loss = loss
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.vae_dtype = vae.dtype
+        self.unet_dtype = unet.dtype
+
+    def encode_latents(self, pixel_values, latent_eps):
+        moments = self.vae.encode(pixel_values.astype(self.vae_dtype))[0]
+        mean, logvar = ops.chunk(moments.astype(ms.float32), 2, axis=1)
+        std = ops.exp(0.5 * ops.clamp(logvar, -30.0, 20.0))
+        return ops.stop_gradient((mean + std * latent_eps) * self.scaling_factor)
+
+    def construct(self, pixel_values, input_ids, latent_eps, noise, timesteps):
+        latents = self.encode_latents(pixel_values, latent_eps)
+        encoder_hidden_states = ops.stop_gradient(self.text_encoder(input_ids)[0])
+        noisy_latents = self.loss.add_noise(latents, noise, timesteps)
+        model_pred = self.unet(
+            noisy_latents.astype(self.unet_dtype),
+            timesteps,
+            encoder_hidden_states.astype(self.unet_dtype),
+            return_dict=False,
+        )[0]
+        return self.loss(model_pred, latents, noise, timesteps)

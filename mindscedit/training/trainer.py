@@ -1,0 +1,264 @@
+"""The training loop: build everything from a TrainConfig, run the jitted step, log, checkpoint."""
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import mindspore as ms
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, to_dict, validate
+from ..data import create_dataloader, load_records
+from ..losses import DiffusionLoss
+from ..models import load_components
+from ..runtime import Runtime, init_runtime
+from .checkpoint import (
+    atomic_folder,
+    load_training_state,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_training_state,
+)
+from .methods import freeze_all_but, get_method
+from .network import LatentDiffusionTrainNet
+from .step import build_train_step, lr_schedule, make_optimizer
+
+logger = logging.getLogger("mindscedit")
+
+DTYPES = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    losses: List[float] = field(default_factory=list)  # one per optimizer step of this run
+    seconds_per_step: Optional[float] = None  # median, compile step excluded
+    images_per_second: Optional[float] = None
+    compile_seconds: Optional[float] = None
+    stopped_early: Optional[str] = None
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish the current step, save, and exit cleanly."""
+
+    def __init__(self):
+        self.signal_name = None
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+
+def count_parameters(unet, trainable) -> str:
+    total = sum(p.size for p in unet.get_parameters())
+    n = sum(p.size for p in trainable)
+    return f"trainable parameters: {n:,} ({n / 1e6:.2f}M, {100.0 * n / total:.3f}% of the UNet's {total / 1e6:.1f}M)"
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, runtime: Optional[Runtime] = None):
+        self.config = config
+        self.runtime = runtime or init_runtime(config.device_target, config.distributed)
+        validate(config, self.runtime.device_target)
+        self.method = get_method(config)
+
+    # ----------------------------------------------------------------- setup
+    def build(self):
+        c = self.config
+        # Data first: a bad dataset path fails before minutes of model loading.
+        self.records = load_records(c.data_source, c.image_column, c.caption_column)
+        self.components = load_components(c.pretrained_model_name_or_path)
+        comps = self.components
+        unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
+
+        self.trainable = self.method.prepare(unet)
+        freeze_all_but((unet, vae, text_encoder), self.trainable)
+        if self.runtime.is_main:
+            logger.info("%s: %s", c.method, count_parameters(unet, self.trainable))
+        self._apply_precision()
+        if c.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        prediction_type = c.prediction_type or comps.prediction_type
+        alphas_cumprod = comps.noise_scheduler.alphas_cumprod.asnumpy()
+        loss = DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma)
+        self.num_train_timesteps = len(alphas_cumprod)
+        network = LatentDiffusionTrainNet(unet, vae, text_encoder, loss)
+        self.lrs = lr_schedule(c.learning_rate, c.lr_scheduler, c.lr_warmup_steps, c.max_train_steps)
+        optimizer = make_optimizer(
+            self.trainable, self.lrs, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.adam_weight_decay
+        )
+        self.train_step = build_train_step(
+            network, optimizer, c.mixed_precision, c.max_grad_norm, c.gradient_accumulation_steps, c.jit_level
+        )
+        self.latent_channels = unet.config.in_channels
+        self.latent_size = c.resolution // comps.vae_scale_factor
+        return self
+
+    def _apply_precision(self):
+        """fp16/bf16: frozen weights in low precision, trainable weights kept fp32 (master copy)."""
+        dtype = DTYPES[self.config.mixed_precision]
+        if dtype == ms.float32:
+            return
+        comps = self.components
+        comps.vae.to(dtype)
+        comps.text_encoder.to(dtype)
+        if self.config.method == "vanilla":
+            ms.amp.auto_mixed_precision(comps.unet, amp_level="O2", dtype=dtype)
+        else:
+            comps.unet.to(dtype)
+            for p in self.trainable:
+                p.set_dtype(ms.float32)
+
+    # ----------------------------------------------------------------- randomness
+    def draw_randomness(self, micro_step: int, batch_size: int):
+        """Noise and timesteps of one micro-step, from a generator keyed by (seed, rank, micro_step)."""
+        c = self.config
+        rng = np.random.default_rng([c.seed, self.runtime.rank, micro_step])
+        shape = (batch_size, self.latent_channels, self.latent_size, self.latent_size)
+        latent_eps = rng.standard_normal(shape, dtype=np.float32)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if c.noise_offset:
+            noise += c.noise_offset * rng.standard_normal(shape[:2] + (1, 1), dtype=np.float32)
+        timesteps = rng.integers(0, self.num_train_timesteps, (batch_size,), dtype=np.int32)
+        return ms.Tensor(latent_eps), ms.Tensor(noise), ms.Tensor(timesteps)
+
+    # ----------------------------------------------------------------- saving
+    def save_checkpoint(self, global_step: int, micro_step: int) -> Optional[str]:
+        if not self.runtime.is_main:
+            return None
+        c = self.config
+        path = os.path.join(c.output_dir, f"checkpoint-{global_step}")
+        with atomic_folder(path) as tmp:
+            self.method.save_weights(self.components.unet, tmp)
+            save_training_state(
+                tmp, self.train_step,
+                {"global_step": global_step, "micro_step": micro_step, "method": c.method, "seed": c.seed},
+            )
+        prune_checkpoints(c.output_dir, c.checkpoints_total_limit)
+        return path
+
+    def save_final_weights(self) -> None:
+        """The method's weights at the top of output_dir, each file replaced in one rename."""
+        if not self.runtime.is_main:
+            return
+        out = self.config.output_dir
+        with atomic_folder(os.path.join(out, ".final")) as tmp:
+            self.method.save_weights(self.components.unet, tmp)
+        final = os.path.join(out, ".final")
+        for name in os.listdir(final):
+            target = os.path.join(out, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                os.rename(target, target + ".old")
+                os.rename(os.path.join(final, name), target)
+                shutil.rmtree(target + ".old", ignore_errors=True)
+            else:
+                os.replace(os.path.join(final, name), target)
+        os.rmdir(final)
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> TrainResult:
+        if not hasattr(self, "train_step"):
+            self.build()
+        c, rt = self.config, self.runtime
+        accum = c.gradient_accumulation_steps
+        if rt.is_main:
+            os.makedirs(c.output_dir, exist_ok=True)
+            remove_stale_temporaries(c.output_dir)
+            with open(os.path.join(c.output_dir, "train_config.json"), "w") as f:
+                json.dump(to_dict(c), f, indent=2)
+
+        global_step = micro_step = 0
+        resume_path = resolve_resume(c.output_dir, c.resume_from_checkpoint)
+        if resume_path:
+            state = load_training_state(resume_path, self.train_step)
+            global_step, micro_step = state["global_step"], state["micro_step"]
+            logger.info("resumed from %s at step %d", resume_path, global_step)
+        result = TrainResult(global_step=global_step)
+        if global_step >= c.max_train_steps:
+            return result
+
+        loader = create_dataloader(
+            self.records, self.components.tokenizer, c.resolution, c.train_batch_size,
+            center_crop=c.center_crop, random_flip=c.random_flip, shuffle=True, seed=c.seed,
+            num_shards=rt.world_size, shard_id=rt.rank, start_step=micro_step,
+            num_workers=c.dataloader_num_workers, on_bad_sample=c.on_bad_sample,
+        )
+        images_per_step = c.train_batch_size * accum * rt.world_size
+        log_file = open(os.path.join(c.output_dir, "logs.jsonl"), "a") if rt.is_main else None
+        progress = tqdm(total=c.max_train_steps, initial=global_step, disable=not rt.is_main, desc="train")
+        step_times, window_losses, nonfinite_run = [], [], 0
+        step_start = time.perf_counter()
+        try:
+            with StopRequest() as stop:
+                for batch in loader.create_dict_iterator(num_epochs=1, output_numpy=True):
+                    randomness = self.draw_randomness(micro_step, c.train_batch_size)
+                    _, loss = self.train_step(ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness)
+                    micro_step += 1
+                    window_losses.append(float(loss.asnumpy()))
+                    if micro_step % accum:
+                        continue
+
+                    global_step += 1
+                    elapsed = time.perf_counter() - step_start
+                    step_start = time.perf_counter()
+                    if result.compile_seconds is None:
+                        result.compile_seconds = elapsed
+                    else:
+                        step_times.append(elapsed)
+                    step_loss = float(np.mean(window_losses))
+                    window_losses = []
+                    result.losses.append(step_loss)
+                    finite = bool(self.train_step.grad_scaler.all_finite.asnumpy()) and np.isfinite(step_loss)
+                    nonfinite_run = 0 if finite else nonfinite_run + 1
+                    progress.update(1)
+                    if rt.is_main and (global_step % c.logging_steps == 0 or global_step == c.max_train_steps):
+                        record = {
+                            "step": global_step,
+                            "loss": step_loss,
+                            "lr": float(self.lrs[global_step - 1]),
+                            "s_per_step": elapsed,
+                            "img_per_s": images_per_step / elapsed,
+                            "skipped": not finite,
+                        }
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                        progress.set_postfix(loss=f"{step_loss:.4f}", s_step=f"{elapsed:.3f}")
+
+                    if nonfinite_run >= c.max_nonfinite_steps:
+                        result.stopped_early = f"{nonfinite_run} consecutive non-finite steps"
+                    elif stop.signal_name:
+                        result.stopped_early = f"received {stop.signal_name}"
+                    done = global_step >= c.max_train_steps or result.stopped_early
+                    if done or global_step % c.checkpointing_steps == 0:
+                        self.save_checkpoint(global_step, micro_step)
+                    if done:
+                        break
+        finally:
+            progress.close()
+            if log_file:
+                log_file.close()
+
+        if result.stopped_early:
+            logger.warning("stopped at step %d: %s; checkpoint saved", global_step, result.stopped_early)
+        else:
+            self.save_final_weights()
+        result.global_step = global_step
+        if step_times:
+            result.seconds_per_step = statistics.median(step_times)
+            result.images_per_second = images_per_step / result.seconds_per_step
+        return result

@@ -1,0 +1,46 @@
+"""The SC-Tuner: a zero-initialised residual MLP applied to one skip feature map."""
+import math
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import HeUniform, Uniform
+
+
+class SCEAdapter(nn.Cell):
+    """y = ln2(GELU(ln1(x))) per pixel (channels last); returns only the residual y.
+
+    ln1 has the default Linear init, ln2 is all zeros, so a fresh adapter adds nothing.
+    """
+
+    def __init__(self, dim: int, down_ratio: float = 1.0):
+        super().__init__()
+        hidden = int(dim * down_ratio)
+        if hidden < 1:
+            raise ValueError(f"down_ratio {down_ratio} leaves no hidden units for a {dim}-channel skip")
+        bound = 1.0 / math.sqrt(dim)
+        self.ln1 = nn.Dense(dim, hidden, weight_init=HeUniform(math.sqrt(5)), bias_init=Uniform(bound))
+        self.activate = nn.GELU(approximate=False)
+        self.ln2 = nn.Dense(hidden, dim, weight_init="zeros", bias_init="zeros")
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        y = self.ln2(self.activate(self.ln1(tokens)))
+        return y.reshape(b, h, w, c).transpose(0, 3, 1, 2)
+
+
+class SCTuner(nn.Cell):
+    """skip' = skip + scale * (T(skip) - skip) with T(skip) = skip + SCEAdapter(skip).
+
+    `scale` is the inference strength (tuner_scale): 1 is the trained tuner, 0 the base model
+    exactly. It is a non-trainable Parameter so that changing it never needs a new graph.
+    """
+
+    def __init__(self, dim: int, down_ratio: float = 1.0):
+        super().__init__()
+        self.tuner_op = SCEAdapter(dim, down_ratio)
+        self.scale = ms.Parameter(ms.Tensor(1.0, ms.float32), name="scale", requires_grad=False)
+
+    def construct(self, skip: ms.Tensor) -> ms.Tensor:
+        residual = self.tuner_op(skip)
+        return skip + ops.cast(self.scale, residual.dtype) * residual

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mindscedit",
+    version="0.1.0",
+    description="Efficient fine-tuning of Stable Diffusion (vanilla, LoRA, SCEdit) with MindSpore",
+    packages=find_packages(include=["mindscedit", "mindscedit.*"]),
+    package_data={"mindscedit": ["assets/photos16/README.md", "assets/photos16/data/*.parquet"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "mindspore>=2.5.0",
+        "mindone==0.3.0",
+        "transformers==4.46.3",
+        "safetensors",
+        "numpy<2",
+        "pillow",
+        "pyyaml",
+        "pyarrow<20",  # pyarrow>=20 needs numpy 2, which mindspore/mindone 0.3 do not support
+        "tqdm",
+        "opencv-python-headless",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["mindscedit=mindscedit.cli:main"]},
+)

@@ -1,0 +1,32 @@
+"""Shared fixtures: MindSpore on CPU in graph mode, a tiny diffusers-format pipeline, the photos."""
+import os
+from pathlib import Path
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before MindSpore loads oneDNN
+os.environ.setdefault("GLOG_v", "3")
+
+import mindspore as ms  # noqa: E402
+import pytest  # noqa: E402
+
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+PHOTOS16 = Path(__file__).resolve().parent.parent / "mindscedit" / "assets" / "photos16"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from mindscedit.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory):
+    from mindscedit.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-sd-v"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def photos_dir():
+    return str(PHOTOS16)

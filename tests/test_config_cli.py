@@ -1,0 +1,101 @@
+"""Config, flags and model-folder checks: one clear line naming the culprit, before any model loads."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mindscedit.cli import main
+from mindscedit.config import load_config, validate
+from mindscedit.errors import ModelFolderError, UserError
+from mindscedit.models import check_model_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = dict(pretrained_model_name_or_path="m", train_data_dir="d")
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: lora\nrank: 8\nlearning_rate: 1.0e-4\ncenter_crop: true\n")
+    config = load_config(str(path), dict(BASE, rank="16", random_flip="true", lora_target_modules="to_q,to_v"))
+    assert (config.method, config.rank, config.learning_rate) == ("lora", 16, 1e-4)
+    assert config.center_crop and config.random_flip and config.lora_target_modules == ["to_q", "to_v"]
+
+
+@pytest.mark.parametrize(
+    "yaml_text,overrides,message",
+    [
+        ("lerning_rate: 1.0e-4\n", {}, r"unknown key 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
+        ("", {"max_train_step": "5"}, r"unknown flag --max_train_step \(did you mean 'max_train_steps'\?\)"),
+        ("rank: four\n", {}, r"'rank' must be an integer, got 'four'"),
+        ("", {"learning_rate": "-1"}, r"learning_rate must be > 0"),
+        ("", {"rank": "0"}, r"rank must be >= 1"),
+        ("", {"resolution": "500"}, r"resolution must be a positive multiple of 8, got 500"),
+        ("", {"method": "dora"}, r"method: 'dora' is not one of vanilla, lora, scedit"),
+        ("- a\n- b\n", {}, r"expected a mapping"),
+    ],
+)
+def test_bad_config_names_the_culprit(tmp_path, yaml_text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(UserError, match=message) as info:
+        load_config(str(path), dict(BASE, **overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_ascend_only_settings_are_refused_on_cpu():
+    with pytest.raises(UserError, match="jit_level O2 needs an Ascend device"):
+        validate(load_config(None, dict(BASE, jit_level="O2")), device_target="CPU")
+    with pytest.raises(UserError, match="mixed_precision fp16 needs an Ascend device"):
+        validate(load_config(None, dict(BASE, mixed_precision="fp16")), device_target="CPU")
+    validate(load_config(None, dict(BASE, jit_level="O2", mixed_precision="fp16")), device_target="Ascend")
+
+
+def test_model_folder_errors_name_the_missing_piece(tiny_model_dir, tmp_path):
+    check_model_folder(tiny_model_dir)
+    with pytest.raises(ModelFolderError, match="model folder not found: /nonexistent"):
+        check_model_folder("/nonexistent")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    os.remove(broken / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFolderError, match=r"no diffusion_pytorch_model.safetensors in .*broken/unet"):
+        check_model_folder(str(broken))
+    shutil.rmtree(broken)
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ModelFolderError, match=r"has no 'vae/' subfolder"):
+        check_model_folder(str(broken))
+
+
+def test_cli_reports_a_bad_flag_in_one_line(capsys):
+    assert main(["train", "--learning_rte", "1e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown flag --learning_rte (did you mean 'learning_rate'?)"
+
+
+def test_cli_trains_from_config_and_flags(tiny_model_dir, photos_dir, tmp_path):
+    """The installed console script, as a user runs it: a few LoRA steps with flag overrides."""
+    out = tmp_path / "run"
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "mindscedit"), "train",
+        "--config", os.path.join(REPO, "configs", "tiny_lora.yaml"),
+        "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", photos_dir,
+        "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainable parameters:" in proc.stderr
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
+    assert len(summary) == 1 and re.match(r"done: step 3, final loss \d+\.\d+, [\d.]+ s/step, [\d.]+ img/s", summary[0])
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-2" / "state.json").is_file() and (out / "checkpoint-3" / "state.json").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
+def test_shipped_configs_are_valid(name):
+    config = load_config(os.path.join(REPO, "configs", name))
+    assert config.method in ("vanilla", "lora", "scedit")
+    if name.startswith("tiny"):
+        validate(config, device_target="CPU")  # the CPU demo configs must run here
