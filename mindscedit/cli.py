@@ -1,4 +1,9 @@
-"""`mindscedit` command line: train, make-tiny-model."""
+"""`mindscedit` command line: train, sample, make-tiny-model, check-data, bench, convert.
+
+Exit codes of train and check-data: 0 done (also after SIGINT/SIGTERM, which save a checkpoint
+first); 1 a run stopped by max_nonfinite_steps, or check-data found problems; 2 bad input (one
+line `error: ...`).
+"""
 import argparse
 import logging
 import os
@@ -31,9 +36,46 @@ def cmd_train(args, extra):
         summary.append(f"{result.images_per_second:.2f} img/s")
     if result.compile_seconds:
         summary.append(f"first step (graph compile) {result.compile_seconds:.1f} s")
+    if result.skipped_samples:
+        summary.append(f"{result.skipped_samples} bad samples skipped")
     print("done: " + ", ".join(summary) + f"; weights in {config.output_dir}")
     if result.stopped_early:
         print(f"stopped early: {result.stopped_early}; resume with --resume_from_checkpoint latest")
+    return 1 if result.diverged else 0
+
+
+def cmd_check_data(args, extra):
+    from .config import check_unknown_flags
+    from .data.check import check_dataset
+
+    check_unknown_flags(extra)
+    if args.resolution is not None and args.resolution <= 0:
+        raise UserError(f"--resolution must be positive, got {args.resolution}")
+    report = check_dataset(args.path, args.image_column, args.caption_column, args.resolution)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 1 if report.problems else 0
+
+
+def cmd_annotate(args, extra):
+    """Preview a built-in condition: the image as the CSC-Tuner will see it."""
+    import numpy as np
+    from PIL import Image
+
+    from .config import check_unknown_flags
+    from .data.conditions import annotate
+    from .data.transforms import decode_image, to_rgb
+
+    check_unknown_flags(extra)
+    image = to_rgb(decode_image(args.input, args.input))
+    if args.resolution:
+        scale = args.resolution / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+    options = {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold} if args.type == "canny" else {}
+    condition = annotate(args.type, np.asarray(image), np.random.default_rng(args.seed), **options)
+    Image.fromarray(condition).save(args.output)
+    print(f"{args.type} condition written to {args.output}")
 
 
 def cmd_make_tiny_model(args, extra):
@@ -43,6 +85,33 @@ def cmd_make_tiny_model(args, extra):
     check_unknown_flags(extra)
     make_tiny_model(args.output_dir, prediction_type=args.prediction_type, seed=args.seed)
     print(f"tiny {args.prediction_type} pipeline written to {args.output_dir}")
+
+
+def cmd_sample(args, extra):
+    from .config import check_unknown_flags
+    from .sampling.command import run_sample
+
+    check_unknown_flags(extra)
+    written = run_sample(args)
+    print(f"wrote {len(written['images'])} images and {len(written['grids'])} grids to {args.output_dir}")
+
+
+def cmd_bench(args, extra):
+    from .bench import run_bench
+    from .config import check_unknown_flags
+
+    check_unknown_flags(extra)
+    rows = run_bench(args)
+    return 1 if any("error" in row for row in rows) else 0  # a case that crashed (e.g. out of memory)
+
+
+def cmd_convert(args, extra):
+    from .config import check_unknown_flags
+    from .convert import convert
+
+    check_unknown_flags(extra)
+    written = convert(args.src_format, args.dst_format, args.input, args.output, args.resnets_per_block)
+    print(f"{args.src_format} -> {args.dst_format}: wrote {written}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +125,58 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
+    from .data.conditions import ANNOTATORS
+
+    annotate = sub.add_parser("annotate", help="compute a built-in condition image (canny, color, ...)",
+                              allow_abbrev=False)
+    annotate.add_argument("--type", required=True, choices=sorted(ANNOTATORS))
+    annotate.add_argument("input")
+    annotate.add_argument("output")
+    annotate.add_argument("--resolution", type=int, help="resize the shorter side first")
+    annotate.add_argument("--low_threshold", type=int, default=100, help="canny")
+    annotate.add_argument("--high_threshold", type=int, default=200, help="canny")
+    annotate.add_argument("--seed", type=int, default=0, help="inpainting mask")
+    annotate.set_defaults(func=cmd_annotate)
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD pipeline (diffusers format)",
                           allow_abbrev=False)
     tiny.add_argument("output_dir")
     tiny.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    check = sub.add_parser("check-data", help="report every problem in a dataset without training",
+                           allow_abbrev=False)
+    check.add_argument("path", help="dataset folder or file, as for --train_data_dir")
+    check.add_argument("--image_column", default="image")
+    check.add_argument("--caption_column", default="text")
+    check.add_argument("--resolution", type=int, help="also flag images smaller than this")
+    check.set_defaults(func=cmd_check_data)
+
+    from .sampling.command import add_sample_arguments
+
+    sample = sub.add_parser("sample", help="text-to-image with a model folder and trained weights", allow_abbrev=False)
+    add_sample_arguments(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    from .bench import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="time and measure the UNet training step of each method",
+                           allow_abbrev=False)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    from .convert import FORMATS
+
+    conv = sub.add_parser("convert", help="rewrite SC-Tuner (swift, scepter) or LoRA (diffusers, kohya) weights "
+                          "in another layout", allow_abbrev=False)
+    conv.add_argument("--from", dest="src_format", required=True, metavar="{" + ",".join(FORMATS) + "}")
+    conv.add_argument("--to", dest="dst_format", required=True, metavar="{" + ",".join(FORMATS) + "}")
+    conv.add_argument("input", help="weights file or folder")
+    conv.add_argument("output", help="folder (or .safetensors file) to write")
+    conv.add_argument("--resnets_per_block", type=int, default=3,
+                      help="scepter -> swift: resnets per UNet up block (3 for SD1.x/2.x/SDXL)")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -70,11 +185,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        args.func(args, extra)
+        return args.func(args, extra) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 
 from .errors import UserError
 
-METHODS = ("vanilla", "lora", "scedit")
+METHODS = ("vanilla", "lora", "scedit", "scedit_control")
 JIT_LEVELS = ("O0", "O1", "O2")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -59,7 +59,14 @@ class TrainConfig:
     rank: int = 4
     lora_alpha: Optional[float] = None
     lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    use_dora: bool = False
     down_ratio: float = 1.0
+    # controllable generation (method scedit_control)
+    control_type: str = "canny"  # a built-in annotator, or the name of a dataset-supplied condition
+    conditioning_image_column: Optional[str] = None  # dataset column holding condition images
+    dense_hint_kernel: int = 3
+    canny_low_threshold: int = 100
+    canny_high_threshold: int = 200
     # runtime
     device_target: str = "auto"
     jit_level: str = "O0"
@@ -71,6 +78,10 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None
     logging_steps: int = 1
+    # validation images (sampled from the current weights every validation_steps, on rank 0)
+    validation_prompt: List[str] = field(default_factory=list)
+    validation_steps: int = 100
+    num_validation_images: int = 4
 
     @property
     def data_source(self) -> str:
@@ -78,6 +89,8 @@ class TrainConfig:
 
 
 FIELD_TYPES = {f.name: f for f in fields(TrainConfig)}
+# List keys whose items may contain commas (prompts): a string is one item, a flag repeats.
+WHOLE_ITEM_LISTS = ("validation_prompt",)
 
 
 def _suggest(key: str) -> str:
@@ -110,7 +123,7 @@ def _coerce(key: str, value, where: str):
     try:
         if kind is list:
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = [value] if key in WHOLE_ITEM_LISTS else [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list):
                 raise TypeError
             return [str(v) for v in value]
@@ -186,16 +199,25 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
     _check(config.resolution > 0 and config.resolution % 8 == 0,
            f"resolution must be a positive multiple of 8, got {config.resolution}")
     for key in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                "logging_steps", "dataloader_num_workers", "max_nonfinite_steps"):
+                "logging_steps", "dataloader_num_workers", "max_nonfinite_steps", "validation_steps",
+                "num_validation_images"):
         _check(getattr(config, key) >= 1, f"{key} must be >= 1, got {getattr(config, key)}")
     _check(config.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {config.lr_warmup_steps}")
     _check(config.rank >= 1, f"rank must be >= 1, got {config.rank}")
     _check(0 < config.down_ratio, f"down_ratio must be > 0, got {config.down_ratio}")
+    _check(config.dense_hint_kernel in (1, 3), f"dense_hint_kernel must be 1 or 3, got {config.dense_hint_kernel}")
+    if config.method == "scedit_control" and not config.conditioning_image_column:
+        from .data.conditions import ANNOTATORS
+
+        _check(config.control_type in ANNOTATORS,
+               f"control_type '{config.control_type}' is not built in ({', '.join(ANNOTATORS)}); "
+               "give its images with conditioning_image_column")
     _check(config.noise_offset >= 0, f"noise_offset must be >= 0, got {config.noise_offset}")
     if config.snr_gamma is not None:
         _check(config.snr_gamma > 0, f"snr_gamma must be > 0, got {config.snr_gamma}")
     if config.max_grad_norm is not None:
         _check(config.max_grad_norm > 0, f"max_grad_norm must be > 0, got {config.max_grad_norm}")
+    _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
     if config.checkpoints_total_limit is not None:
         _check(config.checkpoints_total_limit >= 1,
                f"checkpoints_total_limit must be >= 1, got {config.checkpoints_total_limit}")
@@ -208,6 +230,9 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per config key; values stay strings here and are typed by load_config."""
     for name in FIELD_TYPES:
+        if name in WHOLE_ITEM_LISTS:  # repeatable: --validation_prompt "a, b" --validation_prompt "c"
+            parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", action="append")
+            continue
         # nargs="?" lets a boolean be given bare (--center_crop), as in diffusers' scripts.
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", nargs="?", const="true")
 

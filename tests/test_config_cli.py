@@ -96,6 +96,6 @@ def test_cli_trains_from_config_and_flags(tiny_model_dir, photos_dir, tmp_path):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
 def test_shipped_configs_are_valid(name):
     config = load_config(os.path.join(REPO, "configs", name))
-    assert config.method in ("vanilla", "lora", "scedit")
+    assert config.method in ("vanilla", "lora", "scedit", "scedit_control")
     if name.startswith("tiny"):
         validate(config, device_target="CPU")  # the CPU demo configs must run here

@@ -5,6 +5,7 @@ from .dataset import (
     create_dataloader,
     decode_sample_key,
     encode_sample_key,
+    iterate_batches,
 )
 from .sources import DataError, Record, load_records
 from .tokenizer import write_tiny_clip_tokenizer
@@ -23,5 +24,7 @@ __all__ = [
     "create_dataloader",
     "encode_sample_key",
     "decode_sample_key",
+    "iterate_batches",
     "write_tiny_clip_tokenizer",
 ]
+from .conditions import ANNOTATORS, ConditionSpec, annotate

@@ -11,10 +11,12 @@ because the randomness depends only on the key, results do not depend on the num
 A plain index ``< num_samples`` is a key for epoch 0, so ``dataset[i]`` works as usual.
 """
 import logging
-from typing import Iterator, List, Sequence, Set, Tuple
+import re
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from .conditions import ConditionSpec
 from .sources import DataError, Record
 from .transforms import ImageTransform, decode_image
 
@@ -24,11 +26,16 @@ __all__ = [
     "create_dataloader",
     "encode_sample_key",
     "decode_sample_key",
+    "iterate_batches",
 ]
 
 logger = logging.getLogger("mindscedit.data")
 
 COLUMN_NAMES = ["pixel_values", "input_ids"]
+# The dataloader adds this column: how many bad samples were skipped to fill each batch entry.
+# Worker processes each hold their own dataset copy, so per-sample counts are how the total
+# reaches the main process.
+SKIPPED_COLUMN = "num_skipped"
 # transformers sets model_max_length to ~1e30 when the tokenizer config does not give one.
 _MAX_SANE_TOKEN_LENGTH = 100_000
 
@@ -57,6 +64,7 @@ class TextImageDataset:
         tokenizer,
         seed: int = 0,
         on_bad_sample: str = "skip",
+        condition: Optional[ConditionSpec] = None,
     ):
         if not records:
             raise DataError("dataset has no records")
@@ -71,8 +79,10 @@ class TextImageDataset:
         self.tokenizer = tokenizer
         self.seed = seed
         self.on_bad_sample = on_bad_sample
+        self.condition = condition
         self.num_skipped = 0
         self._bad_indices: Set[int] = set()  # known-bad samples are skipped without re-decoding
+        self._small_warned: Set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -97,8 +107,14 @@ class TextImageDataset:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         image = decode_image(record.image, record.origin)
+        if min(image.size) < self.transform.resolution and index not in self._small_warned:
+            self._small_warned.add(index)
+            logger.warning(
+                "%s: image is %dx%d, smaller than the resolution %d; it is upscaled",
+                record.origin, *image.size, self.transform.resolution,
+            )
         try:
-            pixel_values, _ = self.transform(image, rng)
+            pixel_values, params = self.transform(image, rng)
         except (OSError, ValueError) as exc:  # e.g. an image mode PIL cannot convert to RGB
             raise DataError(f"{record.origin}: cannot transform image: {exc}") from exc
 
@@ -111,7 +127,12 @@ class TextImageDataset:
             max_length=self.tokenizer.model_max_length,
             truncation=True,
         )["input_ids"]
-        return pixel_values, np.asarray(input_ids, dtype=np.int32)
+        input_ids = np.asarray(input_ids, dtype=np.int32)
+        if self.condition is None:
+            return pixel_values, input_ids
+        # Its own generator: adding a condition leaves the crop, flip and caption draws unchanged.
+        condition_rng = np.random.default_rng([self.seed, epoch, index, 1])
+        return pixel_values, input_ids, self.condition.make(record, pixel_values, params, condition_rng)
 
 
 class ResumableShardedSampler:
@@ -177,6 +198,43 @@ class ResumableShardedSampler:
             epoch, first_step = epoch + 1, 0
 
 
+class _CountingLoader:
+    """``dataset[key]`` plus the number of bad samples skipped to produce it (picklable for workers)."""
+
+    def __init__(self, dataset: TextImageDataset):
+        self.dataset = dataset
+
+    def __call__(self, key):
+        before = self.dataset.num_skipped
+        sample = self.dataset[key]
+        return (*sample, np.array(self.dataset.num_skipped - before, dtype=np.int32))
+
+
+# How a DataError raised in a loader worker reads inside MindSpore's RuntimeError (the last match
+# is the exception line of the traceback).
+_WORKER_DATA_ERROR = re.compile(r"^(?:[\w.]+\.)?DataError: (.+)$", re.M)
+
+
+def iterate_batches(loader) -> Iterator[dict]:
+    """The loader's batches as dicts of numpy arrays.
+
+    MindSpore re-raises an exception from a loader worker as a RuntimeError holding the whole
+    traceback; a DataError (``on_bad_sample="error"``) comes out as itself, one line again.
+    """
+    iterator = loader.create_dict_iterator(num_epochs=1, output_numpy=True)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            found = _WORKER_DATA_ERROR.findall(str(exc))
+            if not found:
+                raise
+            raise DataError(found[-1]) from None
+        yield batch
+
+
 class _KeyStream:
     """The sampler's keys as one-column rows for ``GeneratorDataset``."""
 
@@ -202,10 +260,13 @@ def create_dataloader(
     start_step: int = 0,
     num_workers: int = 1,
     on_bad_sample: str = "skip",
+    condition: Optional[ConditionSpec] = None,
 ):
-    """Infinite MindSpore dataset of batches with columns ``pixel_values`` and ``input_ids``.
+    """Infinite MindSpore dataset of batches with columns ``pixel_values`` and ``input_ids``
+    (and ``condition``, float32 [3, R, R] in [0, 1], when a ConditionSpec is given).
 
     Iterate it with ``create_dict_iterator(num_epochs=1, output_numpy=True)`` and stop by step count.
+    A third column, ``num_skipped``, counts the bad samples skipped for each entry (sum it for a total).
 
     Why not ``GeneratorDataset(source=dataset, sampler=sampler)``: MindSpore materialises a Python
     sampler's whole index list up front, which never returns for an infinite sampler. Instead a
@@ -215,16 +276,16 @@ def create_dataloader(
     import mindspore.dataset as ms_dataset  # imported here so loading records does not pull in MindSpore
 
     dataset = TextImageDataset(
-        records, ImageTransform(resolution, center_crop, random_flip), tokenizer, seed, on_bad_sample
+        records, ImageTransform(resolution, center_crop, random_flip), tokenizer, seed, on_bad_sample, condition
     )
     sampler = ResumableShardedSampler(
         len(dataset), batch_size, num_shards, shard_id, shuffle, seed, start_step
     )
     keys = ms_dataset.GeneratorDataset(source=_KeyStream(sampler), column_names=["sample_key"], shuffle=False)
     samples = keys.map(
-        operations=dataset.__getitem__,
+        operations=_CountingLoader(dataset),
         input_columns=["sample_key"],
-        output_columns=COLUMN_NAMES,
+        output_columns=COLUMN_NAMES + (["condition"] if condition else []) + [SKIPPED_COLUMN],
         num_parallel_workers=num_workers,
         python_multiprocessing=num_workers > 1,
     )

@@ -18,7 +18,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +43,7 @@ class Record:
     image: Union[bytes, str]  # encoded image bytes, or a path to an image file
     caption: Union[str, List[str]]  # a list means "pick one at random per sample"
     origin: str
+    condition: Union[bytes, str, None] = None  # a dataset-supplied condition image (controllable training)
 
 
 # When the default image column "image" is absent from a jsonl/CSV file, these columns, tried in
@@ -52,32 +53,43 @@ DEFAULT_IMAGE_COLUMN = "image"
 
 
 def load_records(
-    path: Union[str, Path], image_column: str = "image", caption_column: str = "text"
+    path: Union[str, Path],
+    image_column: str = "image",
+    caption_column: str = "text",
+    on_bad_record: Optional[Callable[[DataError], None]] = None,
+    condition_column: Optional[str] = None,
 ) -> List[Record]:
-    """Read every record of the dataset at ``path`` (see the module docstring for layouts)."""
+    """Read every record of the dataset at ``path`` (see the module docstring for layouts).
+
+    A row whose cells are unusable (no image, an empty or missing caption, a missing column)
+    raises its DataError; with ``on_bad_record`` the row is dropped and the error handed to it
+    instead. Problems with the dataset as a whole (path, layout, columns, no rows) always raise.
+    ``condition_column`` names a column of condition images (same cell format as the image).
+    """
     path = Path(path)
+    report = on_bad_record or _raise
     if not path.exists():
         raise DataError(f"dataset path does not exist: {path}")
 
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".parquet":
-            records = _read_parquet_files([path], image_column, caption_column)
+            records = _read_parquet_files([path], image_column, caption_column, report, condition_column)
         elif suffix == ".jsonl":
-            records = _read_jsonl(path, image_column, caption_column)
+            records = _read_jsonl(path, image_column, caption_column, report, condition_column)
         elif suffix == ".csv":
-            records = _read_csv(path, image_column, caption_column)
+            records = _read_csv(path, image_column, caption_column, report, condition_column)
         else:
             raise DataError(f"{path}: unknown dataset file type (expected .parquet, .jsonl or .csv)")
     else:
         parquet_files = sorted(path.glob("*.parquet")) or sorted((path / "data").glob("*.parquet"))
         csv_files = sorted(path.glob("*.csv"))
         if parquet_files:
-            records = _read_parquet_files(parquet_files, image_column, caption_column)
+            records = _read_parquet_files(parquet_files, image_column, caption_column, report, condition_column)
         elif (path / "metadata.jsonl").is_file():
-            records = _read_jsonl(path / "metadata.jsonl", image_column, caption_column)
+            records = _read_jsonl(path / "metadata.jsonl", image_column, caption_column, report, condition_column)
         elif len(csv_files) == 1:
-            records = _read_csv(csv_files[0], image_column, caption_column)
+            records = _read_csv(csv_files[0], image_column, caption_column, report, condition_column)
         elif len(csv_files) > 1:
             names = ", ".join(f.name for f in csv_files)
             raise DataError(f"{path}: several CSV files ({names}); pass the one to use")
@@ -88,30 +100,58 @@ def load_records(
             )
 
     if not records:
+        if records.num_rows:
+            raise DataError(f"{path}: none of its {records.num_rows} rows is usable")
         raise DataError(f"{path}: dataset is empty (no rows)")
-    return records
+    return list(records)
+
+
+class _Records(list):
+    """The usable records, remembering how many rows were read in all."""
+
+    num_rows = 0
+
+    def add(self, make: Callable[[], Record], report: Callable[[DataError], None]) -> None:
+        self.num_rows += 1
+        try:
+            self.append(make())
+        except DataError as exc:
+            report(exc)
+
+
+def _raise(exc: DataError) -> None:
+    raise exc
 
 
 # --------------------------------------------------------------------------------------- parquet
 
 
-def _read_parquet_files(files: Sequence[Path], image_column: str, caption_column: str) -> List[Record]:
-    records = []
+def _read_parquet_files(files: Sequence[Path], image_column: str, caption_column: str, report,
+                        condition_column: Optional[str] = None) -> _Records:
+    records = _Records()
+    wanted = list(dict.fromkeys([image_column, caption_column] + ([condition_column] if condition_column else [])))
     for file in files:
         try:
             columns = pq.read_schema(file).names
-            _require_column(image_column, columns, file)
-            _require_column(caption_column, columns, file)
-            table = pq.read_table(file, columns=[image_column, caption_column])
+            for column in wanted:
+                _require_column(column, columns, file)
+            table = pq.read_table(file, columns=wanted)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{file}: cannot read parquet: {_one_line(exc)}") from exc
 
         images = table.column(image_column).to_pylist()
         captions = table.column(caption_column).to_pylist()
-        for row, (image, caption) in enumerate(zip(images, captions)):
+        conditions = table.column(condition_column).to_pylist() if condition_column else [None] * len(images)
+        for row, (image, caption, condition) in enumerate(zip(images, captions, conditions)):
             origin = f"{file.name} row {row}"
-            records.append(
-                Record(_image_cell(image, file.parent, origin), _caption_cell(caption, origin), origin)
+            records.add(
+                lambda: Record(
+                    _image_cell(image, file.parent, origin),
+                    _caption_cell(caption, origin),
+                    origin,
+                    _condition_cell(condition, condition_column, file.parent, origin),
+                ),
+                report,
             )
     return records
 
@@ -119,7 +159,8 @@ def _read_parquet_files(files: Sequence[Path], image_column: str, caption_column
 # ----------------------------------------------------------------------------------- jsonl / csv
 
 
-def _read_jsonl(file: Path, image_column: str, caption_column: str) -> List[Record]:
+def _read_jsonl(file: Path, image_column: str, caption_column: str, report,
+                condition_column: Optional[str] = None) -> _Records:
     rows = []  # (line number, JSON object)
     with open(file, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -132,10 +173,11 @@ def _read_jsonl(file: Path, image_column: str, caption_column: str) -> List[Reco
             if not isinstance(row, dict):
                 raise DataError(f"{file.name} line {line_number}: expected a JSON object")
             rows.append((line_number, row))
-    return _records_from_rows(rows, file, image_column, caption_column)
+    return _records_from_rows(rows, file, image_column, caption_column, report, None, condition_column)
 
 
-def _read_csv(file: Path, image_column: str, caption_column: str) -> List[Record]:
+def _read_csv(file: Path, image_column: str, caption_column: str, report,
+              condition_column: Optional[str] = None) -> _Records:
     # utf-8-sig drops the byte-order mark spreadsheet programs like to add.
     with open(file, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -143,7 +185,7 @@ def _read_csv(file: Path, image_column: str, caption_column: str) -> List[Record
             raise DataError(f"{file}: CSV file has no header row")
         # reader.line_num is the file line where the row ended (the header is line 1).
         rows = [(reader.line_num, row) for row in reader]
-    return _records_from_rows(rows, file, image_column, caption_column, reader.fieldnames)
+    return _records_from_rows(rows, file, image_column, caption_column, report, reader.fieldnames, condition_column)
 
 
 def _records_from_rows(
@@ -151,28 +193,38 @@ def _records_from_rows(
     file: Path,
     image_column: str,
     caption_column: str,
+    report: Callable[[DataError], None],
     columns: Optional[List[str]] = None,
-) -> List[Record]:
+    condition_column: Optional[str] = None,
+) -> _Records:
     """Records from ``(line number, dict)`` jsonl/CSV rows; image paths are relative to the file."""
     rows = list(rows)
+    records = _Records()
     if not rows:
-        return []
+        return records
     if columns is None:  # jsonl has no header: the first object's keys stand in for it
         columns = list(rows[0][1])
 
     fallbacks = IMAGE_PATH_FALLBACKS if image_column == DEFAULT_IMAGE_COLUMN else ()
     image_column = _require_column(image_column, columns, file, fallbacks)
     caption_column = _require_column(caption_column, columns, file)
+    if condition_column:
+        condition_column = _require_column(condition_column, columns, file)
 
-    records = []
     for number, row in rows:
         origin = f"{file.name} line {number}"
-        for column in (image_column, caption_column):
-            if column not in row:
-                raise DataError(f"{origin}: missing column '{column}'")
-        image = _image_cell(row[image_column], file.parent, origin)
-        records.append(Record(image, _caption_cell(row[caption_column], origin), origin))
+        records.add(lambda: _row_record(row, file, image_column, caption_column, origin, condition_column), report)
     return records
+
+
+def _row_record(row: dict, file: Path, image_column: str, caption_column: str, origin: str,
+                condition_column: Optional[str] = None) -> Record:
+    for column in (image_column, caption_column, condition_column):
+        if column and column not in row:
+            raise DataError(f"{origin}: missing column '{column}'")
+    image = _image_cell(row[image_column], file.parent, origin)
+    condition = _condition_cell(row.get(condition_column), condition_column, file.parent, origin)
+    return Record(image, _caption_cell(row[caption_column], origin), origin, condition)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -202,10 +254,20 @@ def _image_cell(value, folder: Path, origin: str) -> Union[bytes, str]:
     raise DataError(f"{origin}: image cell has neither image bytes nor a path")
 
 
+def _condition_cell(value, column: Optional[str], folder: Path, origin: str) -> Union[bytes, str, None]:
+    if not column:
+        return None
+    return _image_cell(value, folder, f"{origin} (column '{column}')")
+
+
 def _caption_cell(value, origin: str) -> Union[str, List[str]]:
+    if value is None:
+        raise DataError(f"{origin}: caption is missing")
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"{origin}: caption is empty")
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c.strip() for c in value):
         return list(value)
     raise DataError(
         f"{origin}: caption must be a string or a non-empty list of strings, got {value!r:.60}"

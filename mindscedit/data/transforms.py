@@ -3,7 +3,7 @@ import io
 from typing import Any, Dict, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .sources import DataError
 
@@ -25,7 +25,10 @@ def decode_image(image: Union[bytes, str], origin: str) -> Image.Image:
         # Phone photos store their rotation in EXIF; apply it so the pixels are upright.
         return ImageOps.exif_transpose(pil_image)
     except _DECODE_ERRORS as exc:
-        message = " ".join(str(exc).split())
+        if isinstance(exc, UnidentifiedImageError):  # its message only names an in-memory buffer
+            message = "not an image format PIL can read"
+        else:
+            message = " ".join(str(exc).split())
         raise DataError(f"{origin}: cannot decode image: {type(exc).__name__}: {message}") from exc
 
 

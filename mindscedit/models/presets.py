@@ -52,9 +52,10 @@ UNET_PRESETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "mid": MID_UNET, "tiny": T
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(32, 32),
+    # Four blocks, so the latents are 1/8 of the image as in SD's VAE (CSC-Tuner hints rely on it).
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 32, 32),
     latent_channels=4,
     layers_per_block=1,
     norm_num_groups=32,

@@ -9,11 +9,13 @@ import json
 import os
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import numpy as np
 import mindspore as ms
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ..errors import UserError
@@ -30,17 +32,41 @@ def _fsync_tree(folder: str) -> None:
                 os.fsync(f.fileno())
 
 
+class CheckpointSaveError(UserError):
+    """A save failed (full disk, no permission, ...); whatever was there before is untouched."""
+
+
+# Test hook: a save whose folder name equals this variable sleeps once its files are complete and
+# before the rename, so tests can kill the process at that exact moment. Unset in normal use.
+PAUSE_IN_SAVE_ENV = "MINDSCEDIT_TEST_PAUSE_IN_SAVE"
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_folder(final_path: str):
-    """Yield a temporary folder; on success it replaces `final_path` in one rename."""
+    """Yield a temporary folder; on success it replaces `final_path` in one rename.
+
+    Any I/O error on the way (e.g. ENOSPC) removes the temporary folder and becomes one
+    CheckpointSaveError line; `final_path` and everything else in its parent stay as they were.
+    """
     parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(final_path)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    name = os.path.basename(final_path)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
     try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         yield tmp
         _fsync_tree(tmp)
+        if os.environ.get(PAUSE_IN_SAVE_ENV) == name:
+            time.sleep(3600)
         if os.path.exists(final_path):
             old = f"{tmp}.old"
             os.rename(final_path, old)
@@ -48,18 +74,32 @@ def atomic_folder(final_path: str):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final_path)
-    except BaseException:
+        _fsync_dir(parent)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # safetensors wraps its I/O errors
+            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+            raise CheckpointSaveError(f"cannot save {name} in {parent}: {reason}; nothing there was replaced") from exc
         raise
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
-    """Temporary folders left by a killed save are never complete: remove them."""
+    """Temporary folders left by a killed save are never complete: remove them.
+
+    One exception: a save killed between its two renames leaves the folder it was replacing as
+    `.<name>.tmp-<pid>.old` and no `<name>`; that folder is complete, so it is put back.
+    """
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if name.startswith(".") and ".tmp-" in name:
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        if not (name.startswith(".") and ".tmp-" in name):
+            continue
+        path = os.path.join(output_dir, name)
+        final = os.path.join(output_dir, name[1:].split(".tmp-")[0])
+        if name.endswith(".old") and not os.path.exists(final):
+            os.rename(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
@@ -101,13 +141,14 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Op
 def _named_state_parameters(train_step) -> Dict[str, ms.Parameter]:
     """Everything that changes during training: trainable weights, AdamW moments and step, loss scale.
 
-    Keys use each weight's path in the UNet (Parameter.name depends on how Cells were wrapped).
+    Keys use each weight's path in the training network (Parameter.name depends on how Cells
+    were wrapped).
     """
-    unet_names = {id(p): name for name, p in train_step.model.unet.parameters_and_names()}
+    paths = {id(p): name for name, p in train_step.model.parameters_and_names()}
     optimizer = train_step.optimizer
     params = {"optimizer/global_step": optimizer.global_step}
     for p, exp_avg, exp_avg_sq in zip(optimizer.parameters, optimizer.exp_avg, optimizer.exp_avg_sq):
-        name = unet_names[id(p)]
+        name = paths[id(p)]
         params[f"param/{name}"] = p
         params[f"adam_m/{name}"] = exp_avg
         params[f"adam_v/{name}"] = exp_avg_sq
@@ -124,8 +165,16 @@ def save_training_state(folder: str, train_step, state: dict) -> None:
         json.dump(state, f, indent=2)
 
 
-def load_training_state(folder: str, train_step) -> dict:
-    """Restore weights, optimizer and loss scaler from `folder`; returns its state.json."""
+def load_training_state(folder: str, train_step, method: Optional[str] = None) -> dict:
+    """Restore weights, optimizer and loss scaler from `folder`; returns its state.json.
+
+    Everything is checked before anything is set: a checkpoint that does not fit (another method
+    or model) raises and leaves the weights as they were.
+    """
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        state = json.load(f)
+    if method and state.get("method", method) != method:
+        raise UserError(f"checkpoint {folder} was saved by a '{state['method']}' run; this run trains '{method}'")
     file = os.path.join(folder, TRAINING_STATE_FILE)
     if not os.path.isfile(file):
         raise UserError(f"checkpoint {folder} has no {TRAINING_STATE_FILE}")
@@ -138,5 +187,4 @@ def load_training_state(folder: str, train_step) -> dict:
             raise UserError(f"{file}: '{key}' has shape {arrays[key].shape}, expected {tuple(param.shape)}")
     for key, param in params.items():
         param.set_data(ms.Tensor(arrays[key], param.dtype))
-    with open(os.path.join(folder, STATE_FILE)) as f:
-        return json.load(f)
+    return state

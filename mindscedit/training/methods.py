@@ -5,6 +5,8 @@ lora:    LoRA adapters on attention (and optionally feed-forward) layers; saves
          pytorch_lora_weights.safetensors (diffusers/peft layout).
 scedit:  one SC-Tuner per decoder skip; saves adapter_model.safetensors + adapter_config.json
          (ms-swift layout). The encoder is cut out of backward.
+scedit_control: a CSC-Tuner for one condition (canny, depth, ...); saves csc_tuner.safetensors
+         (scepter key layout). The UNet runs through ControlledUNet, encoder cut out of backward.
 """
 import os
 from typing import List
@@ -12,6 +14,8 @@ from typing import List
 import mindspore as ms
 
 from ..config import TrainConfig
+from ..data.conditions import ConditionSpec
+from ..tuners.csc_tuner import ControlledUNet, CSCTunerConfig, build_csc_tuner, save_csc_tuner
 from ..tuners.lora import LoRAConfig, inject_lora, save_lora
 from ..tuners.sc_tuner import SCTunerConfig, inject_sc_tuners, save_sc_tuners, sc_tuner_parameters
 
@@ -28,6 +32,11 @@ class Method:
 
     def save_weights(self, unet, folder: str) -> None:
         raise NotImplementedError
+
+    # What the training network runs instead of the plain UNet (None: the UNet itself).
+    controlled_unet = None
+    # The condition each training sample carries (None: text-to-image).
+    condition_spec = None
 
 
 class Vanilla(Method):
@@ -46,7 +55,8 @@ class LoRA(Method):
     @property
     def lora_config(self) -> LoRAConfig:
         c = self.config
-        return LoRAConfig(rank=c.rank, alpha=c.lora_alpha, target_modules=list(c.lora_target_modules))
+        return LoRAConfig(rank=c.rank, alpha=c.lora_alpha, target_modules=list(c.lora_target_modules),
+                          use_dora=c.use_dora)
 
     def prepare(self, unet):
         return inject_lora(unet, self.lora_config)
@@ -70,7 +80,33 @@ class SCEdit(Method):
         save_sc_tuners(unet, folder, self.tuner_config)
 
 
-METHODS = {m.name: m for m in (Vanilla, LoRA, SCEdit)}
+class SCEditControl(Method):
+    name = "scedit_control"
+
+    @property
+    def tuner_config(self) -> CSCTunerConfig:
+        return CSCTunerConfig(dense_hint_kernel=self.config.dense_hint_kernel, down_ratio=self.config.down_ratio)
+
+    @property
+    def condition_spec(self) -> ConditionSpec:
+        c = self.config
+        if c.conditioning_image_column:
+            return ConditionSpec("column")
+        options = {}
+        if c.control_type == "canny":
+            options = {"low_threshold": c.canny_low_threshold, "high_threshold": c.canny_high_threshold}
+        return ConditionSpec(c.control_type, options)
+
+    def prepare(self, unet):
+        self.tuner = build_csc_tuner(unet, self.tuner_config)
+        self.controlled_unet = ControlledUNet(unet, {self.config.control_type: self.tuner}, detach=True)
+        return list(self.tuner.get_parameters())
+
+    def save_weights(self, unet, folder):
+        save_csc_tuner(self.tuner, folder, self.tuner_config, self.config.control_type)
+
+
+METHODS = {m.name: m for m in (Vanilla, LoRA, SCEdit, SCEditControl)}
 
 
 def get_method(config: TrainConfig) -> Method:

@@ -9,13 +9,18 @@ class LatentDiffusionTrainNet(nn.Cell):
     """pixels, token ids and host-drawn randomness -> scalar loss.
 
     All randomness (VAE posterior noise, diffusion noise, timesteps) comes in as inputs, drawn on
-    the host from a generator seeded by (seed, rank, micro-step). Steps are then reproducible
+    the host from a generator seeded by (seed, micro-step). Steps are then reproducible
     across resumes and independent of graph-side RNG state.
     """
 
-    def __init__(self, unet, vae, text_encoder, loss: DiffusionLoss):
+    def __init__(self, unet, vae, text_encoder, loss: DiffusionLoss, controlled_unet=None):
         super().__init__()
-        self.unet = unet
+        # With a ControlledUNet (CSC-Tuner training) the step takes a condition image too.
+        self.use_control = controlled_unet is not None
+        self.unet = controlled_unet if self.use_control else unet
+        if self.use_control:
+            self.control_scales = ms.Tensor([1.0], ms.float32)
+            self.control_scale = ms.Tensor(1.0, ms.float32)
         self.vae = vae
         self.text_encoder = text_encoder
         self.loss = loss
@@ -29,9 +34,33 @@ class LatentDiffusionTrainNet(nn.Cell):
         std = ops.exp(0.5 * ops.clamp(logvar, -30.0, 20.0))
         return ops.stop_gradient((mean + std * latent_eps) * self.scaling_factor)
 
-    def construct(self, pixel_values, input_ids, latent_eps, noise, timesteps):
+    def construct(self, pixel_values, input_ids, latent_eps, noise, timesteps, condition=None):
         latents = self.encode_latents(pixel_values, latent_eps)
         encoder_hidden_states = ops.stop_gradient(self.text_encoder(input_ids)[0])
+        noisy_latents = self.loss.add_noise(latents, noise, timesteps).astype(self.unet_dtype)
+        encoder_hidden_states = encoder_hidden_states.astype(self.unet_dtype)
+        if self.use_control:
+            model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, (condition,),
+                                   self.control_scales, self.control_scale)
+        else:
+            model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return self.loss(model_pred, latents, noise, timesteps)
+
+
+class LatentTrainNet(nn.Cell):
+    """latents, text embeddings and host-drawn noise/timesteps -> loss: the UNet half of a step.
+
+    LatentDiffusionTrainNet without the frozen VAE and text encoder, for benchmarks that time the
+    UNet's training step alone (as PyTorch reference measurements do).
+    """
+
+    def __init__(self, unet, loss: DiffusionLoss):
+        super().__init__()
+        self.unet = unet
+        self.loss = loss
+        self.unet_dtype = unet.dtype
+
+    def construct(self, latents, encoder_hidden_states, noise, timesteps):
         noisy_latents = self.loss.add_noise(latents, noise, timesteps)
         model_pred = self.unet(
             noisy_latents.astype(self.unet_dtype),

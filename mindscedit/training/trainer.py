@@ -14,7 +14,7 @@ import mindspore as ms
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, to_dict, validate
-from ..data import create_dataloader, load_records
+from ..data import create_dataloader, iterate_batches, load_records
 from ..losses import DiffusionLoss
 from ..models import load_components
 from ..runtime import Runtime, init_runtime
@@ -43,6 +43,8 @@ class TrainResult:
     images_per_second: Optional[float] = None
     compile_seconds: Optional[float] = None
     stopped_early: Optional[str] = None
+    diverged: bool = False  # stopped by max_nonfinite_steps: a failed run (the CLI exits 1)
+    skipped_samples: int = 0  # bad rows dropped when loading + bad samples skipped by the loader
 
 
 class StopRequest:
@@ -80,11 +82,19 @@ class Trainer:
     def build(self):
         c = self.config
         # Data first: a bad dataset path fails before minutes of model loading.
-        self.records = load_records(c.data_source, c.image_column, c.caption_column)
+        self.num_bad_rows = 0
+        self.records = load_records(
+            c.data_source, c.image_column, c.caption_column,
+            on_bad_record=self._skip_bad_row if c.on_bad_sample == "skip" else None,
+            condition_column=c.conditioning_image_column if c.method == "scedit_control" else None,
+        )
         self.components = load_components(c.pretrained_model_name_or_path)
         comps = self.components
         unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
 
+        # Every rank must start from the same weights (the reducer never broadcasts them): seed the
+        # initialisers of the injected tuners with the run's seed, the same on all ranks.
+        ms.set_seed(c.seed)
         self.trainable = self.method.prepare(unet)
         freeze_all_but((unet, vae, text_encoder), self.trainable)
         if self.runtime.is_main:
@@ -97,7 +107,7 @@ class Trainer:
         alphas_cumprod = comps.noise_scheduler.alphas_cumprod.asnumpy()
         loss = DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma)
         self.num_train_timesteps = len(alphas_cumprod)
-        network = LatentDiffusionTrainNet(unet, vae, text_encoder, loss)
+        network = LatentDiffusionTrainNet(unet, vae, text_encoder, loss, self.method.controlled_unet)
         self.lrs = lr_schedule(c.learning_rate, c.lr_scheduler, c.lr_warmup_steps, c.max_train_steps)
         optimizer = make_optimizer(
             self.trainable, self.lrs, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.adam_weight_decay
@@ -107,7 +117,17 @@ class Trainer:
         )
         self.latent_channels = unet.config.in_channels
         self.latent_size = c.resolution // comps.vae_scale_factor
+        self.validator = None
+        if c.validation_prompt and self.runtime.is_main:
+            from ..sampling import Validator
+
+            self.validator = Validator(comps, c.validation_prompt, c.output_dir, c.resolution,
+                                       c.num_validation_images, c.seed)
         return self
+
+    def _skip_bad_row(self, error):
+        self.num_bad_rows += 1
+        logger.warning("skipping bad row: %s", error)
 
     def _apply_precision(self):
         """fp16/bf16: frozen weights in low precision, trainable weights kept fp32 (master copy)."""
@@ -126,16 +146,22 @@ class Trainer:
 
     # ----------------------------------------------------------------- randomness
     def draw_randomness(self, micro_step: int, batch_size: int):
-        """Noise and timesteps of one micro-step, from a generator keyed by (seed, rank, micro_step)."""
-        c = self.config
-        rng = np.random.default_rng([c.seed, self.runtime.rank, micro_step])
-        shape = (batch_size, self.latent_channels, self.latent_size, self.latent_size)
+        """This rank's noise and timesteps of one micro-step.
+
+        The whole global batch's randomness is drawn from a generator keyed by (seed, micro_step)
+        and each rank takes its slice (the sampler gives rank r the r-th block of the global batch
+        too), so N cards x b samples see exactly what one process with N*b samples sees.
+        """
+        c, rt = self.config, self.runtime
+        rng = np.random.default_rng([c.seed, micro_step])
+        shape = (batch_size * rt.world_size, self.latent_channels, self.latent_size, self.latent_size)
         latent_eps = rng.standard_normal(shape, dtype=np.float32)
         noise = rng.standard_normal(shape, dtype=np.float32)
         if c.noise_offset:
             noise += c.noise_offset * rng.standard_normal(shape[:2] + (1, 1), dtype=np.float32)
-        timesteps = rng.integers(0, self.num_train_timesteps, (batch_size,), dtype=np.int32)
-        return ms.Tensor(latent_eps), ms.Tensor(noise), ms.Tensor(timesteps)
+        timesteps = rng.integers(0, self.num_train_timesteps, (shape[0],), dtype=np.int32)
+        mine = slice(rt.rank * batch_size, (rt.rank + 1) * batch_size)
+        return tuple(ms.Tensor(np.ascontiguousarray(a[mine])) for a in (latent_eps, noise, timesteps))
 
     # ----------------------------------------------------------------- saving
     def save_checkpoint(self, global_step: int, micro_step: int) -> Optional[str]:
@@ -170,6 +196,15 @@ class Trainer:
                 os.replace(os.path.join(final, name), target)
         os.rmdir(final)
 
+    def dump_trainable(self, folder: str) -> str:
+        """This rank's trainable weights as `folder/rank<K>.npz` (keys: names in the UNet)."""
+        os.makedirs(folder, exist_ok=True)
+        keep = {id(p) for p in self.trainable}
+        weights = {n: p.asnumpy() for n, p in self.components.unet.parameters_and_names() if id(p) in keep}
+        path = os.path.join(folder, f"rank{self.runtime.rank}.npz")
+        np.savez(path, **weights)
+        return path
+
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainResult:
         if not hasattr(self, "train_step"):
@@ -185,10 +220,10 @@ class Trainer:
         global_step = micro_step = 0
         resume_path = resolve_resume(c.output_dir, c.resume_from_checkpoint)
         if resume_path:
-            state = load_training_state(resume_path, self.train_step)
+            state = load_training_state(resume_path, self.train_step, c.method)
             global_step, micro_step = state["global_step"], state["micro_step"]
             logger.info("resumed from %s at step %d", resume_path, global_step)
-        result = TrainResult(global_step=global_step)
+        result = TrainResult(global_step=global_step, skipped_samples=self.num_bad_rows)
         if global_step >= c.max_train_steps:
             return result
 
@@ -197,18 +232,28 @@ class Trainer:
             center_crop=c.center_crop, random_flip=c.random_flip, shuffle=True, seed=c.seed,
             num_shards=rt.world_size, shard_id=rt.rank, start_step=micro_step,
             num_workers=c.dataloader_num_workers, on_bad_sample=c.on_bad_sample,
+            condition=self.method.condition_spec,
         )
         images_per_step = c.train_batch_size * accum * rt.world_size
+        if rt.world_size > 1:
+            logger.info(
+                "rank %d of %d: data shard %d, %d samples per card, global batch %d (x%d accumulation)",
+                rt.rank, rt.world_size, rt.rank, c.train_batch_size, c.train_batch_size * rt.world_size, accum,
+            )
         log_file = open(os.path.join(c.output_dir, "logs.jsonl"), "a") if rt.is_main else None
         progress = tqdm(total=c.max_train_steps, initial=global_step, disable=not rt.is_main, desc="train")
         step_times, window_losses, nonfinite_run = [], [], 0
         step_start = time.perf_counter()
         try:
             with StopRequest() as stop:
-                for batch in loader.create_dict_iterator(num_epochs=1, output_numpy=True):
+                for batch in iterate_batches(loader):
                     randomness = self.draw_randomness(micro_step, c.train_batch_size)
-                    _, loss = self.train_step(ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness)
+                    condition = (ms.Tensor(batch["condition"]),) if "condition" in batch else ()
+                    _, loss = self.train_step(
+                        ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition
+                    )
                     micro_step += 1
+                    result.skipped_samples += int(batch["num_skipped"].sum())
                     window_losses.append(float(loss.asnumpy()))
                     if micro_step % accum:
                         continue
@@ -240,12 +285,20 @@ class Trainer:
                         progress.set_postfix(loss=f"{step_loss:.4f}", s_step=f"{elapsed:.3f}")
 
                     if nonfinite_run >= c.max_nonfinite_steps:
-                        result.stopped_early = f"{nonfinite_run} consecutive non-finite steps"
+                        # The skipped steps left the weights alone: the checkpoint holds the last good ones.
+                        result.stopped_early = (
+                            f"{nonfinite_run} consecutive non-finite steps (max_nonfinite_steps); "
+                            f"the weights are those of step {global_step - nonfinite_run}"
+                        )
+                        result.diverged = True
                     elif stop.signal_name:
                         result.stopped_early = f"received {stop.signal_name}"
                     done = global_step >= c.max_train_steps or result.stopped_early
                     if done or global_step % c.checkpointing_steps == 0:
                         self.save_checkpoint(global_step, micro_step)
+                    if self.validator and global_step % c.validation_steps == 0:
+                        self.validator(global_step)
+                        step_start = time.perf_counter()  # sampling time is not training step time
                     if done:
                         break
         finally:
@@ -253,10 +306,15 @@ class Trainer:
             if log_file:
                 log_file.close()
 
+        if result.skipped_samples:
+            logger.warning("%d bad samples were skipped (each named in a warning above)", result.skipped_samples)
         if result.stopped_early:
             logger.warning("stopped at step %d: %s; checkpoint saved", global_step, result.stopped_early)
         else:
             self.save_final_weights()
+        dump_dir = os.environ.get("MINDSCEDIT_DUMP_RANK_WEIGHTS")
+        if dump_dir:  # debugging aid: every rank's trainable weights, to check that ranks stay in sync
+            self.dump_trainable(dump_dir)
         result.global_step = global_step
         if step_times:
             result.seconds_per_step = statistics.median(step_times)

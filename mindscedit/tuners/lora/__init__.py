@@ -1,3 +1,23 @@
 from .config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, LoRAConfig
-from .model import inject_lora
-from .io import load_lora, read_lora_metadata, save_lora
+from .formats import LAYOUTS, LoraModule, kohya_name, module_from_kohya
+from .layer import LoraLinear
+from .model import (
+    adapter_names,
+    inject_lora,
+    lora_layers,
+    lora_modules,
+    merge_lora,
+    refresh_graph,
+    set_adapters,
+    unmerge_lora,
+)
+from .io import (
+    add_lora,
+    add_lora_modules,
+    combine_adapters,
+    load_lora,
+    read_lora_file,
+    read_lora_metadata,
+    save_lora,
+    write_lora_file,
+)

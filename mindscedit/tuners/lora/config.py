@@ -11,12 +11,15 @@ class LoRAConfig:
 
     alpha defaults to rank (scaling 1), as in diffusers' train_text_to_image_lora.py. The down
     projection (lora_A) starts gaussian with std 1/rank, the up projection (lora_B) at zero.
+    use_dora: weight-decomposed LoRA (DoRA): W' = m * (W + s B A) / ||W + s B A||_row with a learned
+    magnitude m per output row, initialised to ||W||_row (so a fresh adapter changes nothing).
     """
 
     rank: int = 4
     alpha: float = None
     target_modules: List[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     adapter_name: str = "default"
+    use_dora: bool = False
 
     @property
     def lora_alpha(self) -> float:

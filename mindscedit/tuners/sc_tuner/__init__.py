@@ -4,6 +4,7 @@ from .model import (
     SkipEditedUpBlock,
     decoder_skip_slots,
     encoder_skip_channels,
+    encoder_skip_layout,
     get_sc_tuners,
     inject_sc_tuners,
     sc_tuner_dims,

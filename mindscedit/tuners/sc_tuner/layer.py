@@ -24,9 +24,10 @@ class SCEAdapter(nn.Cell):
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
         b, c, h, w = x.shape
-        tokens = x.transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        # Runs in its weights' dtype (fp32 master weights under a low-precision UNet).
+        tokens = x.transpose(0, 2, 3, 1).reshape(b, h * w, c).astype(self.ln1.weight.dtype)
         y = self.ln2(self.activate(self.ln1(tokens)))
-        return y.reshape(b, h, w, c).transpose(0, 3, 1, 2)
+        return y.reshape(b, h, w, c).transpose(0, 3, 1, 2).astype(x.dtype)
 
 
 class SCTuner(nn.Cell):

@@ -17,17 +17,22 @@ from .config import SCTunerConfig
 from .layer import SCTuner
 
 
-def encoder_skip_channels(unet_config) -> List[int]:
-    """Channels of every skip the encoder pushes, in push order (conv_in first)."""
+def encoder_skip_layout(unet_config) -> List[Tuple[int, bool]]:
+    """(channels, made by a downsampler?) of every skip the encoder pushes, in push order."""
     channels = list(unet_config.block_out_channels)
     layers = unet_config.layers_per_block
     layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
-    skips = [channels[0]]
+    skips = [(channels[0], False)]  # conv_in's output
     for b, ch in enumerate(channels):
-        skips += [ch] * layers[b]
+        skips += [(ch, False)] * layers[b]
         if b < len(channels) - 1:  # the downsampler's output is a skip too
-            skips.append(ch)
+            skips.append((ch, True))
     return skips
+
+
+def encoder_skip_channels(unet_config) -> List[int]:
+    """Channels of every skip the encoder pushes, in push order (conv_in first)."""
+    return [ch for ch, _ in encoder_skip_layout(unet_config)]
 
 
 def decoder_skip_slots(unet) -> List[Tuple[int, int]]:

@@ -1,0 +1,287 @@
+"""`mindscedit bench`: the UNet training step of each method, measured one (method, batch) at a time.
+
+What is timed: the jitted training step of the UNet alone, fed random latents and text embeddings
+(no VAE, no text encoder, no data loading), as the PyTorch reference measurement does: noise added
+with the SD schedule, the UNet, the epsilon MSE, backward over the method's trainable weights,
+global-norm clipping and AdamW. It is the trainer's own step code (training.methods,
+training.step) on training.network.LatentTrainNet.
+
+Each case runs in its own Python process, so one case's memory (and compiled graphs) cannot
+inflate the next one's. Peak memory is the worker's peak RSS on CPU (graph compilation included),
+and the device memory pool's peak on Ascend. The first step is reported as the graph compile
+time; s/step is the median over the timed steps that follow the warm-up steps.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+from .errors import UserError
+
+ROW_MARKER = "BENCH_ROW "
+METHOD_NAMES = ("vanilla", "lora", "scedit")
+LORA_TARGETS = ("attn", "attn+ff")
+TEXT_LENGTH = 77  # CLIP's token count
+
+
+@dataclass
+class BenchCase:
+    method: str
+    batch_size: int
+    model: str  # a preset name (sd15, sd21, mid, tiny) or a diffusers folder
+    resolution: int = 512
+    steps: int = 5
+    warmup: int = 1
+    lora_rank: int = 16
+    lora_targets: str = "attn+ff"
+    jit_level: str = "O0"
+    mixed_precision: str = "no"
+    device_target: str = "auto"
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- worker side
+def build_model(model: str):
+    """(UNet, alphas_cumprod, VAE downscale factor) of a preset with random weights, or of a folder."""
+    import numpy as np
+
+    from .models import build_unet, unet_preset
+    from .models.loading import load_noise_scheduler, load_unet
+    from .models.presets import SD_SCHEDULER, TINY_VAE
+
+    if os.path.isdir(model):
+        unet = load_unet(model)
+        alphas_cumprod = load_noise_scheduler(model).alphas_cumprod.asnumpy()
+        with open(os.path.join(model, "vae", "config.json")) as f:
+            vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        return unet, alphas_cumprod, vae_factor
+    from mindone.diffusers import DDPMScheduler
+
+    unet = build_unet(unet_preset(model))
+    alphas_cumprod = np.asarray(DDPMScheduler(**SD_SCHEDULER).alphas_cumprod.asnumpy())
+    # The real configs sit behind SD's 8x VAE, the tiny one behind the tiny pipeline's VAE.
+    vae_factor = 2 ** (len(TINY_VAE["block_out_channels"]) - 1) if model == "tiny" else 8
+    return unet, alphas_cumprod, vae_factor
+
+
+def apply_precision(unet, trainable, method: str, dtype) -> None:
+    """As the trainer: frozen weights in low precision, trainable ones kept fp32 (vanilla: AMP O2)."""
+    import mindspore as ms
+
+    if dtype == ms.float32:
+        return
+    if method == "vanilla":
+        ms.amp.auto_mixed_precision(unet, amp_level="O2", dtype=dtype)
+    else:
+        unet.to(dtype)
+        for p in trainable:
+            p.set_dtype(ms.float32)
+
+
+def peak_memory_mib(device_target: str):
+    """(peak MiB, what was measured)."""
+    if device_target == "Ascend":
+        import mindspore as ms
+
+        return ms.runtime.max_memory_allocated() / 2**20, "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"  # ru_maxrss is KiB on Linux
+
+
+def run_case(case: BenchCase) -> dict:
+    """Build, compile and time one (method, batch) in this process."""
+    import numpy as np
+    import mindspore as ms
+
+    from .config import TrainConfig
+    from .losses import DiffusionLoss
+    from .runtime import init_runtime
+    from .training.methods import freeze_all_but, get_method
+    from .training.network import LatentTrainNet
+    from .training.step import build_train_step, lr_schedule, make_optimizer
+    from .training.trainer import DTYPES
+    from .tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
+
+    runtime = init_runtime(case.device_target)
+    unet, alphas_cumprod, vae_factor = build_model(case.model)
+    total = sum(p.size for p in unet.get_parameters())
+    targets = ATTENTION_TARGETS + (FEED_FORWARD_TARGETS if case.lora_targets == "attn+ff" else [])
+    method = get_method(TrainConfig(method=case.method, rank=case.lora_rank, lora_target_modules=targets))
+    ms.set_seed(case.seed)
+    trainable = method.prepare(unet)
+    freeze_all_but((unet,), trainable)
+    apply_precision(unet, trainable, case.method, DTYPES[case.mixed_precision])
+    num_trainable = sum(p.size for p in trainable)
+
+    total_steps = 1 + case.warmup + case.steps
+    network = LatentTrainNet(unet, DiffusionLoss(alphas_cumprod, "epsilon"))
+    optimizer = make_optimizer(trainable, lr_schedule(1e-4, "constant", 0, total_steps))
+    train_step = build_train_step(network, optimizer, case.mixed_precision, 1.0, 1, case.jit_level)
+
+    rng = np.random.default_rng(case.seed)
+    size = case.resolution // vae_factor
+    b, channels = case.batch_size, unet.config.in_channels
+    inputs = [
+        ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # latents
+        ms.Tensor(rng.standard_normal((b, TEXT_LENGTH, unet.config.cross_attention_dim), dtype=np.float32)),
+        ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # noise
+    ]
+    times = []
+    for _ in range(total_steps):
+        timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
+        start = time.perf_counter()
+        loss = float(train_step(*inputs, timesteps)[1].asnumpy())  # asnumpy waits for the step to finish
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1 + case.warmup:])
+    memory, memory_kind = peak_memory_mib(runtime.device_target)
+    return dict(
+        method=case.method,
+        batch_size=b,
+        model=case.model,
+        resolution=case.resolution,
+        latent_size=size,
+        device=runtime.device_target,
+        jit_level=case.jit_level,
+        mixed_precision=case.mixed_precision,
+        lora_rank=case.lora_rank if case.method == "lora" else None,
+        lora_targets=case.lora_targets if case.method == "lora" else None,
+        trainable_params=int(num_trainable),
+        unet_params=int(total),
+        trainable_pct=100.0 * num_trainable / total,
+        peak_memory_mib=round(memory, 1),
+        memory_kind=memory_kind,
+        compile_s=round(times[0], 3),
+        s_per_step=seconds,
+        img_per_s=b / seconds,
+        timed_steps=case.steps,
+        loss=loss,
+    )
+
+
+def worker_main(argv: List[str]) -> int:
+    case = BenchCase(**json.loads(argv[0]))
+    row = run_case(case)
+    print(ROW_MARKER + json.dumps(row), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- launcher side
+def run_in_subprocess(case: BenchCase, timeout: Optional[float] = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mindscedit.bench", json.dumps(asdict(case))],
+        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3")),
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(ROW_MARKER):
+            return json.loads(line[len(ROW_MARKER):])
+    # The worker died (often out of memory: killed without a traceback).
+    lines = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()]
+    reason = lines[-1] if lines else f"exit status {proc.returncode}"
+    return dict(method=case.method, batch_size=case.batch_size, model=case.model, resolution=case.resolution,
+                error=f"exit status {proc.returncode}: {reason}")
+
+
+def markdown_table(rows: List[dict]) -> str:
+    lines = [
+        "| method | batch | trainable params | peak memory (MiB) | compile (s) | s/step | img/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['batch_size']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['trainable_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%) "
+            f"| {r['peak_memory_mib']:.0f} ({r['memory_kind']}) | {r['compile_s']:.1f} | {r['s_per_step']:.3f} "
+            f"| {r['img_per_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _int_list(flag: str, value: str) -> List[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{flag} must be a comma list of integers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise UserError(f"--{flag} must list integers >= 1, got {value!r}")
+    return numbers
+
+
+def cases_from_args(args) -> List[BenchCase]:
+    from .models import UNET_PRESETS
+    from .models.loading import check_model_folder
+    from .runtime import detect_device
+
+    if bool(args.pretrained_model_name_or_path) == bool(args.model_config):
+        raise UserError("give one of --pretrained_model_name_or_path or --model_config")
+    if args.model_config and args.model_config not in UNET_PRESETS:
+        raise UserError(f"--model_config: '{args.model_config}' is not one of {', '.join(UNET_PRESETS)}")
+    if args.pretrained_model_name_or_path:
+        check_model_folder(args.pretrained_model_name_or_path, ("unet", "scheduler", "vae"))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHOD_NAMES:
+            raise UserError(f"--methods: '{m}' is not one of {', '.join(METHOD_NAMES)}")
+    if args.resolution < 8 or args.resolution % 8:
+        raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.steps < 1 or args.warmup < 0 or args.lora_rank < 1:
+        raise UserError("--steps and --lora_rank must be >= 1 and --warmup >= 0")
+    device = detect_device(args.device_target)
+    if device == "CPU" and (args.jit_level == "O2" or args.mixed_precision != "no"):
+        raise UserError("jit_level O2 and mixed_precision fp16/bf16 need an Ascend device")
+    common = dict(
+        model=args.pretrained_model_name_or_path or args.model_config, resolution=args.resolution,
+        steps=args.steps, warmup=args.warmup, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+        jit_level=args.jit_level, mixed_precision=args.mixed_precision, device_target=device,
+    )
+    return [BenchCase(method=m, batch_size=b, **common) for m in methods
+            for b in _int_list("batch_sizes", args.batch_sizes)]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--pretrained_model_name_or_path", help="a diffusers folder (its unet/ and scheduler/)")
+    model.add_argument("--model_config", help="a UNet config with random weights: sd15, sd21, mid or tiny")
+    parser.add_argument("--methods", default="vanilla,lora,scedit")
+    parser.add_argument("--batch_sizes", default="1")
+    parser.add_argument("--resolution", type=int, default=512, help="image side; latents are 1/8 of it")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--lora_targets", default="attn+ff", choices=LORA_TARGETS)
+    parser.add_argument("--jit_level", default="O0", choices=["O0", "O1", "O2"])
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--device_target", default="auto", choices=["auto", "CPU", "Ascend"])
+    parser.add_argument("--json", help="write one JSON line per (method, batch) here")
+
+
+def run_bench(args) -> List[dict]:
+    """Every (method, batch) in its own process; prints the table, writes the JSON lines."""
+    cases = cases_from_args(args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        open(args.json, "w").close()
+    rows = []
+    for case in cases:
+        print(f"bench: {case.method}, batch {case.batch_size} ...", file=sys.stderr, flush=True)
+        row = run_in_subprocess(case)
+        rows.append(row)
+        if args.json:  # row by row, so the finished cases survive a later crash
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    first = cases[0]
+    print(f"\nUNet training step, {first.model}, {first.resolution}x{first.resolution} "
+          f"({rows[0].get('latent_size', '?')}^2 latents), {first.device_target}, jit {first.jit_level}, "
+          f"precision {first.mixed_precision}, median of {first.steps} steps")
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

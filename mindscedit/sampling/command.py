@@ -1,0 +1,120 @@
+"""`mindscedit sample`: load a model folder, put trained weights on it, write PNGs and grids."""
+import argparse
+import os
+from typing import List
+
+from ..data.conditions import ANNOTATORS, annotate, to_condition_tensor
+from ..errors import UserError
+from .schedulers import SCHEDULERS
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers model folder")
+    parser.add_argument("--scedit", help="SC-Tuner weights: a training output folder or adapter_model.safetensors")
+    parser.add_argument("--lora", action="append", default=[], help="pytorch_lora_weights.safetensors (repeatable)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompt_file", help="a text file, one prompt per line")
+    parser.add_argument("--negative_prompt", default="")
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="<= 1: no classifier-free guidance")
+    parser.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
+    parser.add_argument("--height", type=int, help="default: the UNet's sample size x 8")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--num_images_per_prompt", type=int, default=1)
+    parser.add_argument("--scheduler", default="ddim", help=", ".join(SCHEDULERS))
+    parser.add_argument("--tuner_scale", type=float, default=1.0, help="SC-Tuner strength (0: base model)")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (0: base model)")
+    parser.add_argument("--csc_tuner", action="append", default=[],
+                        help="CSC-Tuner weights (csc_tuner.safetensors or its folder); repeatable, one per --control_image")
+    parser.add_argument("--control_image", action="append", default=[], help="condition image (repeatable)")
+    parser.add_argument("--control_type", action="append", default=[],
+                        help="annotate the control image first: canny, color, grayscale, inpainting, or none "
+                             "(the image is the condition already); one per --control_image, default none")
+    parser.add_argument("--control_scale", action="append", default=[], type=float,
+                        help="strength of each condition (default 1; 0: no control)")
+    parser.add_argument("--device_target", default="auto", choices=["auto", "CPU", "Ascend"])
+    parser.add_argument("--output_dir", required=True)
+
+
+def read_prompts(args) -> List[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise UserError(f"--prompt_file not found: {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompt_file with prompts")
+    return prompts
+
+
+def run_sample(args) -> dict:
+    """Checks the flags, samples, saves; returns save_images' {"images": [...], "grids": [...]}."""
+    prompts = read_prompts(args)
+    if args.scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler: '{args.scheduler}' is not one of {', '.join(SCHEDULERS)}")
+    for flag in ("num_inference_steps", "num_images_per_prompt"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if len(args.control_image) != len(args.csc_tuner):
+        raise UserError(f"give one --control_image per --csc_tuner (got {len(args.control_image)} and {len(args.csc_tuner)})")
+    for flag in ("control_type", "control_scale"):
+        if len(getattr(args, flag)) > len(args.control_image):
+            raise UserError(f"more --{flag} values than --control_image")
+    for path in args.control_image:
+        if not os.path.isfile(path):
+            raise UserError(f"--control_image not found: {path}")
+    for kind in args.control_type:
+        if kind != "none" and kind not in ANNOTATORS:
+            raise UserError(f"--control_type: '{kind}' is not one of none, {', '.join(ANNOTATORS)}")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{flag} must be a positive multiple of 8, got {value}")
+
+    from ..models import load_components
+    from ..runtime import init_runtime
+    from .adapters import apply_csc_tuners, apply_loras, apply_sc_tuners
+    from .images import save_images
+    from .sampler import Sampler
+
+    init_runtime(args.device_target)
+    components = load_components(args.pretrained_model_name_or_path)
+    apply_loras(components.unet, args.lora, args.lora_scale)  # before SC-Tuners wrap the up blocks
+    if args.scedit:
+        apply_sc_tuners(components.unet, args.scedit, args.tuner_scale)
+    controlled = apply_csc_tuners(components.unet, args.csc_tuner) if args.csc_tuner else None
+    factor = components.vae_scale_factor
+    height = args.height or components.unet.config.sample_size * factor
+    width = args.width or components.unet.config.sample_size * factor
+    control_images = [
+        load_control_image(path, kind, height, width)
+        for path, kind in zip(args.control_image, args.control_type + ["none"] * len(args.control_image))
+    ]
+    images = Sampler(components, args.scheduler, controlled)(
+        prompts,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images_per_prompt,
+        control_images=control_images or None,
+        control_scales=args.control_scale or None,
+    )
+    return save_images(images, args.output_dir)
+
+
+def load_control_image(path: str, kind: str, height: int, width: int):
+    """A control image file -> float32 [3, height, width] in [0, 1], annotated unless kind is none."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data.transforms import decode_image, to_rgb
+
+    image = to_rgb(decode_image(path, path)).resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if kind != "none":
+        pixels = annotate(kind, pixels)
+    return to_condition_tensor(pixels)

@@ -1,0 +1,215 @@
+"""Text-to-image sampling on SDComponents: text encoding, the guided denoising loop, VAE decode.
+
+Each network call is a Cell compiled once and reused: the text encoder sees one prompt at a
+time (1 x 77 ids), the denoiser the same latent batch at every step with the timestep and the
+guidance scale passed as Tensors, the decoder the final latents. The scheduler's own update
+(mindone.diffusers) runs on the host between denoiser calls.
+
+The Cells are built with auto_prefix=False so that wrapping a UNet that a training graph also
+holds does not rename its parameters: sampling between training steps leaves the training
+graph exactly as it was compiled.
+"""
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .schedulers import make_scheduler
+
+
+class TextEncoder(nn.Cell):
+    """token ids [B, 77] -> last hidden states [B, 77, D]."""
+
+    def __init__(self, text_encoder):
+        super().__init__(auto_prefix=False)
+        self.text_encoder = text_encoder
+
+    def construct(self, input_ids):
+        return self.text_encoder(input_ids)[0]
+
+
+class _Denoiser(nn.Cell):
+    """The UNet, or a ControlledUNet whose extra inputs come as *control =
+    (condition images, per-condition scales, control_scale)."""
+
+    def __init__(self, unet, controlled=None):
+        super().__init__(auto_prefix=False)
+        self.use_control = controlled is not None
+        self.unet = controlled if self.use_control else unet
+        self.dtype = unet.dtype
+
+    def predict(self, x, timestep, embeddings, control):
+        x, embeddings = x.astype(self.dtype), embeddings.astype(self.dtype)
+        if self.use_control:
+            conditions, scales, control_scale = control
+            return self.unet(x, timestep, embeddings, conditions, scales, control_scale).astype(ms.float32)
+        return self.unet(x, timestep, embeddings, return_dict=False)[0].astype(ms.float32)
+
+
+class GuidedDenoiser(_Denoiser):
+    """Classifier-free guidance in one UNet call on [uncond; cond]: u + g * (c - u)."""
+
+    def construct(self, latents, timestep, embeddings, guidance_scale, *control):
+        if self.use_control:  # both halves of the batch see the condition
+            conditions, scales, control_scale = control
+            control = (tuple(ops.cat((c, c), axis=0) for c in conditions), scales, control_scale)
+        pred = self.predict(ops.cat((latents, latents), axis=0), timestep, embeddings, control)
+        uncond, cond = ops.chunk(pred, 2, axis=0)
+        return uncond + guidance_scale * (cond - uncond)
+
+
+class CondDenoiser(_Denoiser):
+    """No guidance (guidance_scale <= 1): the UNet on the conditional batch only."""
+
+    def construct(self, latents, timestep, embeddings, *control):
+        return self.predict(latents, timestep, embeddings, control)
+
+
+class VaeDecoder(nn.Cell):
+    """latents -> images in [0, 1], NCHW float32."""
+
+    def __init__(self, vae):
+        super().__init__(auto_prefix=False)
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.dtype = vae.dtype
+
+    def construct(self, latents):
+        image = self.vae.decode((latents / self.scaling_factor).astype(self.dtype))[0]
+        return ops.clamp(image.astype(ms.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def to_pil(images: np.ndarray) -> List[Image.Image]:
+    """[N, 3, H, W] floats in [0, 1] -> RGB uint8 images."""
+    pixels = np.round(images.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+    return [Image.fromarray(p) for p in pixels]
+
+
+class Sampler:
+    """Text-to-image with classifier-free guidance on SDComponents (plain, SC-Tuner or LoRA UNet).
+
+    `scheduler` is one of mindscedit.sampling.SCHEDULERS and may be changed between calls
+    without recompiling. Image k of every prompt starts from numpy default_rng(seed + k), and the
+    stochastic schedulers draw that image's noise from the same generator, so an image depends
+    only on its prompt and its own seed.
+    """
+
+    def __init__(self, components, scheduler: str = "ddim", controlled=None):
+        self.components = components
+        self.scheduler = scheduler
+        self.controlled = controlled  # a ControlledUNet with CSC-Tuners, for control_images
+        make_scheduler(scheduler, components.noise_scheduler.config)  # fail early on a bad name
+        self.text_encoder = TextEncoder(components.text_encoder)
+        self.guided_denoiser = GuidedDenoiser(components.unet, controlled)
+        self.cond_denoiser = CondDenoiser(components.unet, controlled)
+        self.decoder = VaeDecoder(components.vae)
+
+    def encode(self, prompt: str) -> ms.Tensor:
+        tokenizer = self.components.tokenizer
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        return self.text_encoder(ms.Tensor(np.array([ids], dtype=np.int32)))
+
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        negative_prompt: Optional[str] = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_images_per_prompt: int = 1,
+        progress: bool = True,
+        control_images: Optional[Sequence[np.ndarray]] = None,
+        control_scales: Optional[Sequence[float]] = None,
+        control_scale: float = 1.0,
+    ) -> List[Image.Image]:
+        """Images in prompt order, num_images_per_prompt each; image.info holds prompt, seed and settings.
+
+        With CSC-Tuners (`controlled`), control_images holds one condition per tuner (float32
+        [3, height, width] in [0, 1]), control_scales its strength (default 1 each) and
+        control_scale the overall strength (0: the uncontrolled model exactly).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        latents, seeds = self.sample_latents(
+            prompts, negative_prompt, num_inference_steps, guidance_scale, seed, height, width,
+            num_images_per_prompt, progress, control_images, control_scales, control_scale,
+        )
+        images = to_pil(self.decoder(latents).asnumpy())
+        settings = {
+            "negative_prompt": negative_prompt or "",
+            "steps": str(num_inference_steps),
+            "guidance_scale": str(guidance_scale),
+            "scheduler": self.scheduler,
+            "size": f"{images[0].width}x{images[0].height}",
+        }
+        for n, image in enumerate(images):
+            image.info.update(prompt=prompts[n // num_images_per_prompt], seed=str(seeds[n]), **settings)
+        return images
+
+    def control_inputs(self, control_images, control_scales, control_scale, batch: int, height: int, width: int):
+        """The ControlledUNet's extra inputs for a batch, or () without CSC-Tuners."""
+        if self.controlled is None:
+            if control_images:
+                raise UserError("control images need CSC-Tuners (--csc_tuner)")
+            return ()
+        names = self.controlled.names
+        if not control_images or len(control_images) != len(names):
+            raise UserError(f"give one control image per CSC-Tuner ({', '.join(names)})")
+        conditions = []
+        for name, image in zip(names, control_images):
+            if tuple(image.shape) != (3, height, width):
+                raise UserError(f"control image for '{name}' is {tuple(image.shape)}, expected (3, {height}, {width})")
+            conditions.append(ms.Tensor(np.repeat(image[None].astype(np.float32), batch, axis=0)))
+        scales = list(control_scales) if control_scales else [1.0] * len(names)
+        if len(scales) != len(names):
+            raise UserError(f"give one control scale per CSC-Tuner ({', '.join(names)})")
+        return tuple(conditions), ms.Tensor(scales, ms.float32), ms.Tensor(control_scale, ms.float32)
+
+    def sample_latents(
+        self, prompts, negative_prompt, num_inference_steps, guidance_scale, seed, height, width,
+        num_images_per_prompt, progress=True, control_images=None, control_scales=None, control_scale=1.0,
+    ):
+        """The denoising loop: (final latents [N, C, h, w], seed of each image)."""
+        comps = self.components
+        factor = comps.vae_scale_factor
+        height = height or comps.unet.config.sample_size * factor
+        width = width or comps.unet.config.sample_size * factor
+        if not prompts:
+            raise UserError("no prompt given")
+        if height % factor or width % factor:
+            raise UserError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        if num_inference_steps < 1 or num_images_per_prompt < 1:
+            raise UserError("num_inference_steps and num_images_per_prompt must be >= 1")
+
+        k = num_images_per_prompt
+        seeds = [seed + i for _ in prompts for i in range(k)]
+        cond = ops.cat([self.encode(p).tile((k, 1, 1)) for p in prompts], axis=0)
+        guided = guidance_scale > 1.0
+        if guided:
+            uncond = self.encode(negative_prompt or "").tile((len(seeds), 1, 1))
+            embeddings = ops.cat((uncond, cond), axis=0)
+            guidance = ms.Tensor(guidance_scale, ms.float32)
+
+        control = self.control_inputs(control_images, control_scales, control_scale, len(seeds), height, width)
+        scheduler = make_scheduler(self.scheduler, comps.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        generators = [np.random.default_rng(s) for s in seeds]
+        shape = (comps.unet.config.in_channels, height // factor, width // factor)
+        latents = np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])
+        latents = ms.Tensor(latents * float(scheduler.init_noise_sigma), ms.float32)
+
+        for t in tqdm(scheduler.timesteps, desc="sample", disable=not progress, leave=False):
+            model_input = scheduler.scale_model_input(latents, t).astype(ms.float32)
+            timestep = ms.Tensor([float(t)], ms.float32)  # same dtype and shape at every step and scheduler
+            if guided:
+                pred = self.guided_denoiser(model_input, timestep, embeddings, guidance, *control)
+            else:
+                pred = self.cond_denoiser(model_input, timestep, cond, *control)
+            latents = scheduler.step(pred, t, latents, generator=generators, return_dict=False)[0].astype(ms.float32)
+
+        return latents, seeds

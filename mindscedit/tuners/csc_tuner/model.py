@@ -1,0 +1,102 @@
+"""A UNet forward whose decoder skips are edited by one or more CSC-Tuners.
+
+The skips of mindone's UNet only meet the decoder inside its own forward, and a CSC-Tuner needs
+both the skip and a condition hint at that point. ControlledUNet therefore runs the UNet's own
+sub-Cells in the same order as UNet2DConditionModel.construct (SD1.x/2.x: no class or added
+embeddings), with one step added between encoder and decoder:
+
+    skip_i' = skip_i + control_scale * sum_k scale_k * ctrl_k,i
+
+With no tuners, or all scales at zero, its output equals the plain UNet's exactly.
+"""
+from typing import Dict
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..sc_tuner.model import encoder_skip_layout
+from .config import CSCTunerConfig
+from .layer import CSCTuner
+
+
+def build_csc_tuner(unet, config: CSCTunerConfig = CSCTunerConfig()) -> CSCTuner:
+    return CSCTuner(
+        encoder_skip_layout(unet.config),
+        dense_hint_kernel=config.dense_hint_kernel,
+        down_ratio=config.down_ratio,
+        condition_channels=config.condition_channels,
+        hint_channels=config.hint_channels,
+    )
+
+
+class ControlledUNet(nn.Cell):
+    """unet + named CSC-Tuners; construct(sample, timestep, text, conditions, scales, control_scale).
+
+    conditions: a tuple with one image batch [B, C, H, W] in [0, 1] per tuner, in the order of
+    `tuners`; scales: float32 [K], one per tuner; control_scale: float32 scalar.
+    detach: cut the encoder (and everything before the decoder) out of backward, for training
+    the tuners alone.
+    """
+
+    def __init__(self, unet, tuners: Dict[str, CSCTuner], detach: bool = False):
+        super().__init__()
+        cfg = unet.config
+        if cfg.class_embed_type is not None or cfg.addition_embed_type is not None:
+            raise ValueError("ControlledUNet supports SD1.x/2.x UNets (no class or added embeddings)")
+        self.unet = unet
+        self.names = list(tuners)
+        self.tuners = nn.CellList(list(tuners.values()))
+        self.detach = detach
+        self.up_factor = 2 ** unet.num_upsamplers
+        self.skips_per_up_block = [len(block.resnets) for block in unet.up_blocks]
+
+    def _detach(self, x):
+        return ops.stop_gradient(x) if self.detach else x
+
+    def construct(self, sample, timestep, encoder_hidden_states, conditions, scales, control_scale):
+        unet = self.unet
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states, None)
+
+        h = unet.conv_in(sample)
+        skips = (h,)
+        for block in unet.down_blocks:
+            if block.has_cross_attention:
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            skips = skips + res
+        if unet.mid_block is not None:
+            if unet.mid_block.has_cross_attention:
+                h = unet.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                h = unet.mid_block(h, emb)
+
+        skips = self.edit_skips(tuple(self._detach(s) for s in skips), conditions, scales, control_scale)
+        h, emb = self._detach(h), self._detach(emb)
+
+        forward_upsample_size = sample.shape[-2] % self.up_factor != 0 or sample.shape[-1] % self.up_factor != 0
+        for i, block in enumerate(unet.up_blocks):
+            n = self.skips_per_up_block[i]
+            res, skips = skips[-n:], skips[:-n]
+            upsample_size = skips[-1].shape[2:] if (i < len(self.skips_per_up_block) - 1 and forward_upsample_size) else None
+            if block.has_cross_attention:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res,
+                          encoder_hidden_states=encoder_hidden_states, upsample_size=upsample_size)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
+
+    def edit_skips(self, skips, conditions, scales, control_scale):
+        if len(self.tuners) == 0:
+            return skips
+        total = None
+        for k, tuner in enumerate(self.tuners):
+            controls = tuner(skips, conditions[k].astype(skips[0].dtype))
+            weighted = tuple(scales[k].astype(c.dtype) * c for c in controls)
+            total = weighted if total is None else tuple(t + w for t, w in zip(total, weighted))
+        return tuple(s + control_scale.astype(s.dtype) * c for s, c in zip(skips, total))

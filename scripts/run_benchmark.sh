@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Benchmark the UNet training step of vanilla, LoRA and SCEdit (random weights, real configs).
+#   bash scripts/run_benchmark.sh            # Ascend: SD1.5 at 512, batch 1 and 16, jit O0 and O2, fp16
+#   bash scripts/run_benchmark.sh --cpu      # CPU: the mid config at 256 (32x32 latents), batch 8
+# Extra flags go to `mindscedit bench` (e.g. --steps 20, --pretrained_model_name_or_path DIR).
+# Prints a markdown table per run; JSON lines land in $OUT_DIR (default outputs/bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-outputs/bench}
+mkdir -p "$OUT_DIR"
+export GLOG_v=${GLOG_v:-3}
+
+if [ "${1:-}" = "--cpu" ]; then
+  shift
+  export ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
+  mindscedit bench --model_config mid --methods vanilla,lora,scedit --batch_sizes 8 --resolution 256 \
+    --steps 5 --warmup 1 --lora_rank 16 --lora_targets attn+ff --device_target CPU \
+    --json "$OUT_DIR/cpu_mid_256_bs8.jsonl" "$@"
+  exit 0
+fi
+
+export MS_ASCEND_CHECK_OVERFLOW_MODE=${MS_ASCEND_CHECK_OVERFLOW_MODE:-INFNAN_MODE}
+for JIT in O0 O2; do
+  mindscedit bench --model_config sd15 --methods vanilla,lora,scedit --batch_sizes 1,16 --resolution 512 \
+    --steps 20 --warmup 3 --lora_rank 64 --lora_targets attn+ff --jit_level "$JIT" --mixed_precision fp16 \
+    --device_target Ascend --json "$OUT_DIR/ascend_sd15_512_${JIT}.jsonl" "$@"
+done

@@ -1,0 +1,86 @@
+"""`mindscedit bench` on the tiny UNet config: JSON rows, the markdown table, parameter counts."""
+import json
+
+import numpy as np
+import pytest
+from mindspore import nn
+
+from mindscedit.cli import main
+from mindscedit.models import build_unet, unet_preset
+from mindscedit.models.presets import TINY_VAE
+from mindscedit.tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
+
+FIELDS = {
+    "method", "batch_size", "model", "resolution", "latent_size", "device", "jit_level", "mixed_precision",
+    "lora_rank", "lora_targets", "trainable_params", "unet_params", "trainable_pct", "peak_memory_mib",
+    "memory_kind", "compile_s", "s_per_step", "img_per_s", "timed_steps", "loss",
+}
+LORA_RANK = 4
+LATENT_FACTOR = 2 ** (len(TINY_VAE["block_out_channels"]) - 1)  # the tiny pipeline's VAE downscale
+
+
+def expected_counts():
+    """Trainable parameter counts worked out from the tiny config, independently of the injection code."""
+    config = unet_preset("tiny")
+    unet = build_unet(config)
+    total = sum(p.size for p in unet.get_parameters())
+    # SC-Tuners: one per decoder skip; skips = conv_in, every down resnet, every downsampler.
+    channels = config["block_out_channels"]
+    skips = [channels[0]]
+    for i, c in enumerate(channels):
+        skips += [c] * config["layers_per_block"] + ([c] if i < len(channels) - 1 else [])
+    scedit = sum(2 * (d * d + d) for d in skips)
+    # LoRA: rank x (in + out) for every targeted Dense layer.
+    targets = tuple(ATTENTION_TARGETS + FEED_FORWARD_TARGETS)
+    lora = sum(
+        LORA_RANK * (cell.in_channels + cell.out_channels)
+        for name, cell in unet.cells_and_names()
+        if isinstance(cell, nn.Dense) and name.endswith(targets)
+    )
+    return total, {"scedit": scedit, "lora": lora}
+
+
+def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    argv = ["bench", "--model_config", "tiny", "--methods", "lora,scedit", "--batch_sizes", "2",
+            "--resolution", "32", "--steps", "2", "--warmup", "0", "--lora_rank", str(LORA_RANK),
+            "--lora_targets", "attn+ff", "--device_target", "CPU", "--json", str(out)]
+    assert main(argv) == 0  # each case compiles in its own process: one compile per method
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in open(out)]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [("lora", 2), ("scedit", 2)]
+
+    total, counts = expected_counts()
+    assert counts["scedit"] == 25_088  # 2(d^2+d) over skips (64, 64, 32, 32, 32, 32)
+    for r in rows:
+        assert set(r) == FIELDS, set(r) ^ FIELDS
+        assert r["trainable_params"] == counts[r["method"]]
+        assert r["unet_params"] == total
+        assert r["trainable_pct"] == pytest.approx(100 * counts[r["method"]] / total)
+        assert r["s_per_step"] > 0 and r["compile_s"] > 0 and r["peak_memory_mib"] > 0
+        assert r["img_per_s"] == pytest.approx(2 / r["s_per_step"])
+        assert r["latent_size"] == 32 // LATENT_FACTOR and r["memory_kind"] == "host RSS"
+        assert np.isfinite(r["loss"])
+    assert rows[0]["lora_rank"] == LORA_RANK and rows[0]["lora_targets"] == "attn+ff"
+
+    assert "| method | batch | trainable params | peak memory (MiB) | compile (s) | s/step | img/s |" in printed
+    for r in rows:
+        line = next(l for l in printed.splitlines() if l.startswith(f"| {r['method']} | 2 |"))
+        assert f"{r['trainable_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%)" in line
+        assert f"{r['s_per_step']:.3f}" in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model_config", "huge"], "--model_config: 'huge' is not one of"),
+        (["--model_config", "tiny", "--methods", "lora,dora"], "--methods: 'dora'"),
+        (["--model_config", "tiny", "--batch_sizes", "1,x"], "--batch_sizes must be a comma list"),
+        ([], "give one of --pretrained_model_name_or_path or --model_config"),
+        (["--model_config", "tiny", "--device_target", "CPU", "--mixed_precision", "fp16"], "need an Ascend"),
+    ],
+)
+def test_bad_bench_flags_fail_in_one_line(flags, message, capsys):
+    assert main(["bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
