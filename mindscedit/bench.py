@@ -25,7 +25,8 @@ from typing import List, Optional
 from .errors import UserError
 
 ROW_MARKER = "BENCH_ROW "
-METHOD_NAMES = ("vanilla", "lora", "scedit")
+METHOD_NAMES = ("vanilla", "lora", "scedit", "scedit_control", "controlnet")
+CONTROL_METHODS = ("scedit_control", "controlnet")  # take a condition image; controlnet: the baseline
 LORA_TARGETS = ("attn", "attn+ff")
 TEXT_LENGTH = 77  # CLIP's token count
 
@@ -40,6 +41,7 @@ class BenchCase:
     warmup: int = 1
     lora_rank: int = 16
     lora_targets: str = "attn+ff"
+    dense_hint_kernel: int = 3
     jit_level: str = "O0"
     mixed_precision: str = "no"
     device_target: str = "auto"
@@ -100,6 +102,7 @@ def run_case(case: BenchCase) -> dict:
 
     from .config import TrainConfig
     from .losses import DiffusionLoss
+    from .models.fast_layers import apply_fast_layers
     from .runtime import init_runtime
     from .training.methods import freeze_all_but, get_method
     from .training.network import LatentTrainNet
@@ -111,15 +114,25 @@ def run_case(case: BenchCase) -> dict:
     unet, alphas_cumprod, vae_factor = build_model(case.model)
     total = sum(p.size for p in unet.get_parameters())
     targets = ATTENTION_TARGETS + (FEED_FORWARD_TARGETS if case.lora_targets == "attn+ff" else [])
-    method = get_method(TrainConfig(method=case.method, rank=case.lora_rank, lora_target_modules=targets))
     ms.set_seed(case.seed)
-    trainable = method.prepare(unet)
-    freeze_all_but((unet,), trainable)
+    if case.method == "controlnet":
+        from .models.controlnet import ControlNetUNet
+
+        controlled = ControlNetUNet(unet)
+        trainable = list(controlled.controlnet.get_parameters())
+        freeze_all_but((controlled,), trainable)
+    else:
+        method = get_method(TrainConfig(method=case.method, rank=case.lora_rank, lora_target_modules=targets,
+                                        dense_hint_kernel=case.dense_hint_kernel))
+        trainable = method.prepare(unet)
+        controlled = method.controlled_unet
+        freeze_all_but((unet,), trainable)
     apply_precision(unet, trainable, case.method, DTYPES[case.mixed_precision])
+    apply_fast_layers(unet)  # as the trainer does
     num_trainable = sum(p.size for p in trainable)
 
     total_steps = 1 + case.warmup + case.steps
-    network = LatentTrainNet(unet, DiffusionLoss(alphas_cumprod, "epsilon"))
+    network = LatentTrainNet(unet, DiffusionLoss(alphas_cumprod, "epsilon"), controlled)
     optimizer = make_optimizer(trainable, lr_schedule(1e-4, "constant", 0, total_steps))
     train_step = build_train_step(network, optimizer, case.mixed_precision, 1.0, 1, case.jit_level)
 
@@ -131,11 +144,14 @@ def run_case(case: BenchCase) -> dict:
         ms.Tensor(rng.standard_normal((b, TEXT_LENGTH, unet.config.cross_attention_dim), dtype=np.float32)),
         ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # noise
     ]
+    if case.method in CONTROL_METHODS:  # a condition image at full resolution
+        condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
     times = []
     for _ in range(total_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
-        loss = float(train_step(*inputs, timesteps)[1].asnumpy())  # asnumpy waits for the step to finish
+        extra = (condition,) if case.method in CONTROL_METHODS else ()
+        loss = float(train_step(*inputs, timesteps, *extra)[1].asnumpy())  # asnumpy waits for the step to finish
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[1 + case.warmup:])
     memory, memory_kind = peak_memory_mib(runtime.device_target)
@@ -150,6 +166,7 @@ def run_case(case: BenchCase) -> dict:
         mixed_precision=case.mixed_precision,
         lora_rank=case.lora_rank if case.method == "lora" else None,
         lora_targets=case.lora_targets if case.method == "lora" else None,
+        dense_hint_kernel=case.dense_hint_kernel if case.method == "scedit_control" else None,
         trainable_params=int(num_trainable),
         unet_params=int(total),
         trainable_pct=100.0 * num_trainable / total,
@@ -238,6 +255,7 @@ def cases_from_args(args) -> List[BenchCase]:
     common = dict(
         model=args.pretrained_model_name_or_path or args.model_config, resolution=args.resolution,
         steps=args.steps, warmup=args.warmup, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+        dense_hint_kernel=args.dense_hint_kernel,
         jit_level=args.jit_level, mixed_precision=args.mixed_precision, device_target=device,
     )
     return [BenchCase(method=m, batch_size=b, **common) for m in methods
@@ -255,6 +273,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--lora_targets", default="attn+ff", choices=LORA_TARGETS)
+    parser.add_argument("--dense_hint_kernel", type=int, default=3, choices=[1, 3], help="scedit_control")
     parser.add_argument("--jit_level", default="O0", choices=["O0", "O1", "O2"])
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--device_target", default="auto", choices=["auto", "CPU", "Ascend"])

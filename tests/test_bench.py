@@ -12,7 +12,7 @@ from mindscedit.tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGET
 
 FIELDS = {
     "method", "batch_size", "model", "resolution", "latent_size", "device", "jit_level", "mixed_precision",
-    "lora_rank", "lora_targets", "trainable_params", "unet_params", "trainable_pct", "peak_memory_mib",
+    "lora_rank", "lora_targets", "dense_hint_kernel", "trainable_params", "unet_params", "trainable_pct", "peak_memory_mib",
     "memory_kind", "compile_s", "s_per_step", "img_per_s", "timed_steps", "loss",
 }
 LORA_RANK = 4
@@ -84,3 +84,24 @@ def test_bad_bench_flags_fail_in_one_line(flags, message, capsys):
     assert main(["bench", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_compares_the_csc_tuner_with_controlnet(tmp_path, capsys):
+    from mindone.diffusers import ControlNetModel
+
+    from mindscedit.tuners.csc_tuner import CSCTunerConfig, build_csc_tuner
+
+    out = tmp_path / "rows.jsonl"
+    argv = ["bench", "--model_config", "tiny", "--methods", "scedit_control,controlnet", "--batch_sizes", "2",
+            "--resolution", "32", "--steps", "1", "--warmup", "0", "--dense_hint_kernel", "1",
+            "--device_target", "CPU", "--json", str(out)]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in map(json.loads, open(out))}
+    unet = build_unet(unet_preset("tiny"))
+    csc = sum(p.size for p in build_csc_tuner(unet, CSCTunerConfig(dense_hint_kernel=1)).get_parameters())
+    controlnet = sum(p.size for p in ControlNetModel.from_unet(unet).get_parameters())
+    assert rows["scedit_control"]["trainable_params"] == csc and rows["scedit_control"]["dense_hint_kernel"] == 1
+    assert rows["controlnet"]["trainable_params"] == controlnet
+    for r in rows.values():
+        assert r["peak_memory_mib"] > 0 and r["s_per_step"] > 0 and np.isfinite(r["loss"])
+    assert "| controlnet | 2 |" in capsys.readouterr().out

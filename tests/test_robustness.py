@@ -118,7 +118,8 @@ def trainer(tiny_model_dir, data_dir, killed_run):
 
 def trainable_weights(trainer):
     ids = {id(p) for p in trainer.trainable}
-    return {name: p.asnumpy().copy() for name, p in trainer.components.unet.parameters_and_names() if id(p) in ids}
+    # Named by their path in the training network, as training_state.safetensors names them.
+    return {name: p.asnumpy().copy() for name, p in trainer.train_step.model.parameters_and_names() if id(p) in ids}
 
 
 def saved_params(checkpoint):

@@ -5,38 +5,25 @@ from mindspore import nn, ops
 from ..losses import DiffusionLoss
 
 
-class LatentDiffusionTrainNet(nn.Cell):
-    """pixels, token ids and host-drawn randomness -> scalar loss.
+class LatentTrainNet(nn.Cell):
+    """latents, text embeddings and host-drawn noise/timesteps -> loss: the UNet half of a step.
 
-    All randomness (VAE posterior noise, diffusion noise, timesteps) comes in as inputs, drawn on
-    the host from a generator seeded by (seed, micro-step). Steps are then reproducible
-    across resumes and independent of graph-side RNG state.
+    With a ControlledUNet (CSC-Tuner training, or the ControlNet baseline of the benchmark) the
+    step takes a condition image [B, 3, H, W] in [0, 1] too. The benchmark times this Cell
+    alone, as PyTorch reference measurements time the UNet step alone.
     """
 
-    def __init__(self, unet, vae, text_encoder, loss: DiffusionLoss, controlled_unet=None):
+    def __init__(self, unet, loss: DiffusionLoss, controlled_unet=None):
         super().__init__()
-        # With a ControlledUNet (CSC-Tuner training) the step takes a condition image too.
         self.use_control = controlled_unet is not None
         self.unet = controlled_unet if self.use_control else unet
+        self.loss = loss
+        self.unet_dtype = unet.dtype
         if self.use_control:
             self.control_scales = ms.Tensor([1.0], ms.float32)
             self.control_scale = ms.Tensor(1.0, ms.float32)
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.loss = loss
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.vae_dtype = vae.dtype
-        self.unet_dtype = unet.dtype
 
-    def encode_latents(self, pixel_values, latent_eps):
-        moments = self.vae.encode(pixel_values.astype(self.vae_dtype))[0]
-        mean, logvar = ops.chunk(moments.astype(ms.float32), 2, axis=1)
-        std = ops.exp(0.5 * ops.clamp(logvar, -30.0, 20.0))
-        return ops.stop_gradient((mean + std * latent_eps) * self.scaling_factor)
-
-    def construct(self, pixel_values, input_ids, latent_eps, noise, timesteps, condition=None):
-        latents = self.encode_latents(pixel_values, latent_eps)
-        encoder_hidden_states = ops.stop_gradient(self.text_encoder(input_ids)[0])
+    def construct(self, latents, encoder_hidden_states, noise, timesteps, condition=None):
         noisy_latents = self.loss.add_noise(latents, noise, timesteps).astype(self.unet_dtype)
         encoder_hidden_states = encoder_hidden_states.astype(self.unet_dtype)
         if self.use_control:
@@ -47,25 +34,29 @@ class LatentDiffusionTrainNet(nn.Cell):
         return self.loss(model_pred, latents, noise, timesteps)
 
 
-class LatentTrainNet(nn.Cell):
-    """latents, text embeddings and host-drawn noise/timesteps -> loss: the UNet half of a step.
+class LatentDiffusionTrainNet(nn.Cell):
+    """pixels, token ids and host-drawn randomness (, condition) -> scalar loss.
 
-    LatentDiffusionTrainNet without the frozen VAE and text encoder, for benchmarks that time the
-    UNet's training step alone (as PyTorch reference measurements do).
+    All randomness (VAE posterior noise, diffusion noise, timesteps) comes in as inputs, drawn on
+    the host from a generator seeded by (seed, micro-step). Steps are then reproducible
+    across resumes and independent of graph-side RNG state.
     """
 
-    def __init__(self, unet, loss: DiffusionLoss):
+    def __init__(self, unet, vae, text_encoder, loss: DiffusionLoss, controlled_unet=None):
         super().__init__()
-        self.unet = unet
-        self.loss = loss
-        self.unet_dtype = unet.dtype
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.denoise = LatentTrainNet(unet, loss, controlled_unet)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.vae_dtype = vae.dtype
 
-    def construct(self, latents, encoder_hidden_states, noise, timesteps):
-        noisy_latents = self.loss.add_noise(latents, noise, timesteps)
-        model_pred = self.unet(
-            noisy_latents.astype(self.unet_dtype),
-            timesteps,
-            encoder_hidden_states.astype(self.unet_dtype),
-            return_dict=False,
-        )[0]
-        return self.loss(model_pred, latents, noise, timesteps)
+    def encode_latents(self, pixel_values, latent_eps):
+        moments = self.vae.encode(pixel_values.astype(self.vae_dtype))[0]
+        mean, logvar = ops.chunk(moments.astype(ms.float32), 2, axis=1)
+        std = ops.exp(0.5 * ops.clamp(logvar, -30.0, 20.0))
+        return ops.stop_gradient((mean + std * latent_eps) * self.scaling_factor)
+
+    def construct(self, pixel_values, input_ids, latent_eps, noise, timesteps, condition=None):
+        latents = self.encode_latents(pixel_values, latent_eps)
+        encoder_hidden_states = ops.stop_gradient(self.text_encoder(input_ids)[0])
+        return self.denoise(latents, encoder_hidden_states, noise, timesteps, condition)

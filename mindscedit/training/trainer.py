@@ -17,6 +17,7 @@ from ..config import TrainConfig, to_dict, validate
 from ..data import create_dataloader, iterate_batches, load_records
 from ..losses import DiffusionLoss
 from ..models import load_components
+from ..models.fast_layers import apply_fast_layers
 from ..runtime import Runtime, init_runtime
 from .checkpoint import (
     atomic_folder,
@@ -100,6 +101,7 @@ class Trainer:
         if self.runtime.is_main:
             logger.info("%s: %s", c.method, count_parameters(unet, self.trainable))
         self._apply_precision()
+        apply_fast_layers(unet)  # CPU: attention without stored score maps (no-op where mindone fuses it)
         if c.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
