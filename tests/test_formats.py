@@ -277,7 +277,7 @@ def test_sc_tuner_layouts_round_trip_and_load(tmp_path):
     save_sc_tuners(unet, str(tmp_path / "swift"), swift_root=True)  # what SwiftModel.save_pretrained writes
     assert (tmp_path / "swift" / "configuration.json").read_text() == "{}"
     config = json.loads((tmp_path / "swift" / "default" / "adapter_config.json").read_text())
-    assert config["swift_type"] == "SCETUNING" and config["tuner_op"] == "SCEAdapter" and config["tuner_mode"] == "decoder"
+    assert config["swift_type"] == "SCETuning" and config["tuner_op"] == "SCEAdapter" and config["tuner_mode"] == "decoder"
     assert config["dims"] == [64, 64, 32, 32, 32, 32] and config["down_ratio"] == 1.0
     assert set(load_file(str(tmp_path / "swift" / "default" / "adapter_model.safetensors"))) == set(expected)
 

@@ -68,7 +68,7 @@ def test_loss_falls_and_only_trainable_weights_change(method, tiny_model_dir, ph
         assert len(saved) == len(trainable) == 24 and "up_blocks.1.resnets.2.scetuner_default.tuner_op.ln2.bias" in saved
         for key, p in sc_tuner_named_parameters(comps.unet).items():
             np.testing.assert_array_equal(saved[key], p.asnumpy())
-        assert json.load(open(tmp_path / "weights" / "adapter_config.json"))["swift_type"] == "SCETUNING"
+        assert json.load(open(tmp_path / "weights" / "adapter_config.json"))["swift_type"] == "SCETuning"
     elif method == "lora":
         saved = load_file(str(tmp_path / "weights" / "pytorch_lora_weights.safetensors"))
         assert len(saved) == len(trainable)

@@ -3,8 +3,8 @@
 ms-swift (`SwiftModel.save_pretrained(dir, safe_serialization=True)` with an SCETuningConfig):
   dir/<adapter>/adapter_model.safetensors  keys `up_blocks.{i}.resnets.{j}.scetuner_<adapter>.tuner_op.ln{1,2}.{weight,bias}`
                                             (the UNet's own state-dict names, no prefix; Linear weights [out, in])
-  dir/<adapter>/adapter_config.json        asdict(SCETuningConfig): swift_type, dims, target_modules,
-                                            hint_modules, tuner_mode, tuner_op, down_ratio (sorted keys)
+  dir/<adapter>/adapter_config.json        asdict(SCETuningConfig): swift_type ("SCETuning"), dims, target_modules,
+                                            hint_modules, tuner_mode, tuner_op, down_ratio, model_key_mapping (sorted keys)
   dir/configuration.json                   "{}"
   `Swift.from_pretrained(unet, dir)` loads every such adapter folder. `save_sc_tuners` writes the
   adapter folder itself (what training outputs); `swift_root=True` writes the whole tree above.
@@ -44,13 +44,14 @@ def sc_tuner_state_dict(unet) -> Dict[str, np.ndarray]:
 def swift_config(dims: List[int], down_ratio: float) -> dict:
     """The SCETuningConfig fields ms-swift writes and reads."""
     return {
-        "swift_type": "SCETUNING",
+        "swift_type": "SCETuning",  # the value of ms-swift's SwiftTuners.SCETUNING, which from_pretrained checks
         "dims": list(dims),
         "target_modules": TARGET_MODULES,
         "hint_modules": None,
         "tuner_mode": "decoder",
         "tuner_op": "SCEAdapter",
         "down_ratio": down_ratio,
+        "model_key_mapping": None,
     }
 
 
