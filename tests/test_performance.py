@@ -72,7 +72,7 @@ def train(weights, method_name, fast, steps=STEPS):
     return np.array(losses), {names[id(p)]: p.asnumpy() for p in trainable}
 
 
-@pytest.mark.parametrize("method_name", ["vanilla", "lora", "scedit"])
+@pytest.mark.parametrize("method_name", ["lora", "scedit"])  # LoRA: backward through every attention
 def test_fast_layers_leave_the_loss_trajectory_and_trained_weights_unchanged(base_weights, method_name):
     start = {k: v for k, v in train(base_weights, method_name, fast=False, steps=0)[1].items()}
     losses, weights = train(base_weights, method_name, fast=False)
