@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark the UNet training step of vanilla, LoRA and SCEdit (random weights, real configs).
 #   bash scripts/run_benchmark.sh            # Ascend: SD1.5 at 512, batch 1 and 16, jit O0 and O2, fp16
-#   bash scripts/run_benchmark.sh --cpu      # CPU: the mid config at 256 (32x32 latents), batch 8
+#   bash scripts/run_benchmark.sh --cpu      # CPU: the mid config at 256 (32x32 latents), batch 8,
+#                                            then CSC-Tuner vs ControlNet on the same config
 # Extra flags go to `mindscedit bench` (e.g. --steps 20, --pretrained_model_name_or_path DIR).
 # Prints a markdown table per run; JSON lines land in $OUT_DIR (default outputs/bench).
 set -euo pipefail
@@ -16,6 +17,10 @@ if [ "${1:-}" = "--cpu" ]; then
   mindscedit bench --model_config mid --methods vanilla,lora,scedit --batch_sizes 8 --resolution 256 \
     --steps 5 --warmup 1 --lora_rank 16 --lora_targets attn+ff --device_target CPU \
     --json "$OUT_DIR/cpu_mid_256_bs8.jsonl" "$@"
+  # Controllable generation: the CSC-Tuner (1x1 hint convs) against a ControlNet of the same UNet.
+  mindscedit bench --model_config mid --methods scedit_control,controlnet --batch_sizes 8 --resolution 256 \
+    --steps 5 --warmup 1 --dense_hint_kernel 1 --device_target CPU \
+    --json "$OUT_DIR/cpu_mid_256_bs8_control.jsonl" "$@"
   exit 0
 fi
 
