@@ -1,4 +1,4 @@
-"""`mindscedit` command line: train, sample, make-tiny-model, check-data, bench, convert.
+"""`mindscedit` command line: train, sample, annotate, make-tiny-model, check-data, bench, convert.
 
 Exit codes of train and check-data: 0 done (also after SIGINT/SIGTERM, which save a checkpoint
 first); 1 a run stopped by max_nonfinite_steps, or check-data found problems; 2 bad input (one
@@ -10,9 +10,6 @@ import os
 import sys
 
 from .errors import UserError
-
-BUNDLED_PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "photos16")
-
 
 def _setup_logging():
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's own log: errors only
