@@ -72,20 +72,6 @@ def build_model(model: str):
     return unet, alphas_cumprod, vae_factor
 
 
-def apply_precision(unet, trainable, method: str, dtype) -> None:
-    """As the trainer: frozen weights in low precision, trainable ones kept fp32 (vanilla: AMP O2)."""
-    import mindspore as ms
-
-    if dtype == ms.float32:
-        return
-    if method == "vanilla":
-        ms.amp.auto_mixed_precision(unet, amp_level="O2", dtype=dtype)
-    else:
-        unet.to(dtype)
-        for p in trainable:
-            p.set_dtype(ms.float32)
-
-
 def peak_memory_mib(device_target: str):
     """(peak MiB, what was measured)."""
     if device_target == "Ascend":
@@ -104,7 +90,7 @@ def run_case(case: BenchCase) -> dict:
     from .losses import DiffusionLoss
     from .models.fast_layers import apply_fast_layers
     from .runtime import init_runtime
-    from .training.methods import freeze_all_but, get_method
+    from .training.methods import apply_unet_precision, freeze_all_but, get_method
     from .training.network import LatentTrainNet
     from .training.step import build_train_step, lr_schedule, make_optimizer
     from .training.trainer import DTYPES
@@ -127,7 +113,7 @@ def run_case(case: BenchCase) -> dict:
         trainable = method.prepare(unet)
         controlled = method.controlled_unet
         freeze_all_but((unet,), trainable)
-    apply_precision(unet, trainable, case.method, DTYPES[case.mixed_precision])
+    apply_unet_precision(unet, trainable, case.method, DTYPES[case.mixed_precision])
     apply_fast_layers(unet)  # as the trainer does
     num_trainable = sum(p.size for p in trainable)
 

@@ -92,8 +92,9 @@ def test_only_rank0_writes_and_img_per_s_counts_all_cards(two_workers):
     saved = load_file(str(out / "adapter_model.safetensors"))
     rank0 = np.load(two_workers.dump / "rank0.npz")
     assert len(saved) == len(rank0.files)
-    for key, value in saved.items():  # up_blocks.i.resnets.j.scetuner_default.X <- up_blocks.i.tuners.j.X
-        np.testing.assert_array_equal(value, rank0[key.replace(".resnets.", ".tuners.").replace(".scetuner_default", "")])
+    for key, value in saved.items():  # up_blocks.i.resnets.j.scetuner_default.X <- denoise.unet.up_blocks.i.tuners.j.X
+        dumped = "denoise.unet." + key.replace(".resnets.", ".tuners.").replace(".scetuner_default", "")
+        np.testing.assert_array_equal(value, rank0[dumped])
 
 
 def test_two_cards_match_one_process_on_the_global_batch(two_workers, tiny_model_dir, photos_dir, tmp_path):

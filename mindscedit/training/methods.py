@@ -113,6 +113,19 @@ def get_method(config: TrainConfig) -> Method:
     return METHODS[config.method](config)
 
 
+def apply_unet_precision(unet, trainable: List[ms.Parameter], method: str, dtype) -> None:
+    """fp16/bf16 training: frozen UNet weights in low precision, trainable ones kept fp32 (master
+    copy); full fine-tuning uses AMP O2 instead (fp32 weights, low-precision compute)."""
+    if dtype == ms.float32:
+        return
+    if method == "vanilla":
+        ms.amp.auto_mixed_precision(unet, amp_level="O2", dtype=dtype)
+    else:
+        unet.to(dtype)
+        for p in trainable:
+            p.set_dtype(ms.float32)
+
+
 def freeze_all_but(cells, trainable: List[ms.Parameter]) -> None:
     keep = {id(p) for p in trainable}
     for cell in cells:

@@ -27,7 +27,7 @@ from .checkpoint import (
     resolve_resume,
     save_training_state,
 )
-from .methods import freeze_all_but, get_method
+from .methods import apply_unet_precision, freeze_all_but, get_method
 from .network import LatentDiffusionTrainNet
 from .step import build_train_step, lr_schedule, make_optimizer
 
@@ -139,12 +139,7 @@ class Trainer:
         comps = self.components
         comps.vae.to(dtype)
         comps.text_encoder.to(dtype)
-        if self.config.method == "vanilla":
-            ms.amp.auto_mixed_precision(comps.unet, amp_level="O2", dtype=dtype)
-        else:
-            comps.unet.to(dtype)
-            for p in self.trainable:
-                p.set_dtype(ms.float32)
+        apply_unet_precision(comps.unet, self.trainable, self.config.method, dtype)
 
     # ----------------------------------------------------------------- randomness
     def draw_randomness(self, micro_step: int, batch_size: int):
@@ -199,10 +194,11 @@ class Trainer:
         os.rmdir(final)
 
     def dump_trainable(self, folder: str) -> str:
-        """This rank's trainable weights as `folder/rank<K>.npz` (keys: names in the UNet)."""
+        """This rank's trainable weights as `folder/rank<K>.npz`, keyed by their path in the training
+        network as checkpoints key them (so CSC-Tuner weights, outside the UNet, are included)."""
         os.makedirs(folder, exist_ok=True)
         keep = {id(p) for p in self.trainable}
-        weights = {n: p.asnumpy() for n, p in self.components.unet.parameters_and_names() if id(p) in keep}
+        weights = {n: p.asnumpy() for n, p in self.train_step.model.parameters_and_names() if id(p) in keep}
         path = os.path.join(folder, f"rank{self.runtime.rank}.npz")
         np.savez(path, **weights)
         return path
