@@ -9,7 +9,9 @@ training.step) on training.network.LatentTrainNet.
 Each case runs in its own Python process, so one case's memory (and compiled graphs) cannot
 inflate the next one's. Peak memory is the worker's peak RSS on CPU (graph compilation included),
 and the device memory pool's peak on Ascend. The first step is reported as the graph compile
-time; s/step is the median over the timed steps that follow the warm-up steps.
+time; s/step is the median over the timed steps that follow the warm-up steps. With
+--compile_cache_dir the step is compiled through the trainer's compile cache, so a second bench
+of the same cases measures what a repeated launch costs.
 """
 import argparse
 import json
@@ -46,6 +48,7 @@ class BenchCase:
     mixed_precision: str = "no"
     device_target: str = "auto"
     seed: int = 0
+    compile_cache_dir: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -92,11 +95,13 @@ def run_case(case: BenchCase) -> dict:
     from .runtime import init_runtime
     from .training.methods import apply_unet_precision, freeze_all_but, get_method
     from .training.network import LatentTrainNet
+    from .training.compile_cache import compile_train_step
     from .training.step import build_train_step, lr_schedule, make_optimizer
     from .training.trainer import DTYPES
     from .tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
 
     runtime = init_runtime(case.device_target)
+    ms.set_seed(case.seed)  # the same random UNet in every run
     unet, alphas_cumprod, vae_factor = build_model(case.model)
     total = sum(p.size for p in unet.get_parameters())
     targets = ATTENTION_TARGETS + (FEED_FORWARD_TARGETS if case.lora_targets == "attn+ff" else [])
@@ -132,12 +137,15 @@ def run_case(case: BenchCase) -> dict:
     ]
     if case.method in CONTROL_METHODS:  # a condition image at full resolution
         condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
-    times = []
+    times, cache = [], None
+    settings = {k: v for k, v in asdict(case).items() if k not in ("steps", "warmup", "seed", "compile_cache_dir")}
     for _ in range(total_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
-        extra = (condition,) if case.method in CONTROL_METHODS else ()
-        loss = float(train_step(*inputs, timesteps, *extra)[1].asnumpy())  # asnumpy waits for the step to finish
+        step_inputs = (*inputs, timesteps) + ((condition,) if case.method in CONTROL_METHODS else ())
+        if cache is None:  # the first step's time includes this compile, as in training
+            cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir, settings)["cache"]
+        loss = float(train_step(*step_inputs)[1].asnumpy())  # asnumpy waits for the step to finish
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[1 + case.warmup:])
     memory, memory_kind = peak_memory_mib(runtime.device_target)
@@ -159,6 +167,7 @@ def run_case(case: BenchCase) -> dict:
         peak_memory_mib=round(memory, 1),
         memory_kind=memory_kind,
         compile_s=round(times[0], 3),
+        compile_cache=cache,
         s_per_step=seconds,
         img_per_s=b / seconds,
         timed_steps=case.steps,
@@ -167,7 +176,10 @@ def run_case(case: BenchCase) -> dict:
 
 
 def worker_main(argv: List[str]) -> int:
+    from .training.compile_cache import allow_in_this_process
+
     case = BenchCase(**json.loads(argv[0]))
+    allow_in_this_process()  # a fresh process: the step is its first graph
     row = run_case(case)
     print(ROW_MARKER + json.dumps(row), flush=True)
     return 0
@@ -200,7 +212,8 @@ def markdown_table(rows: List[dict]) -> str:
             continue
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['trainable_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%) "
-            f"| {r['peak_memory_mib']:.0f} ({r['memory_kind']}) | {r['compile_s']:.1f} | {r['s_per_step']:.3f} "
+            f"| {r['peak_memory_mib']:.0f} ({r['memory_kind']}) "
+            f"| {r['compile_s']:.1f}{' (cached)' if r.get('compile_cache') == 'hit' else ''} | {r['s_per_step']:.3f} "
             f"| {r['img_per_s']:.2f} |"
         )
     return "\n".join(lines)
@@ -243,6 +256,7 @@ def cases_from_args(args) -> List[BenchCase]:
         steps=args.steps, warmup=args.warmup, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
         dense_hint_kernel=args.dense_hint_kernel,
         jit_level=args.jit_level, mixed_precision=args.mixed_precision, device_target=device,
+        compile_cache_dir=args.compile_cache_dir or None,
     )
     return [BenchCase(method=m, batch_size=b, **common) for m in methods
             for b in _int_list("batch_sizes", args.batch_sizes)]
@@ -263,6 +277,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jit_level", default="O0", choices=["O0", "O1", "O2"])
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--device_target", default="auto", choices=["auto", "CPU", "Ascend"])
+    parser.add_argument("--compile_cache_dir", default="",
+                        help="compile through this compile cache (a second bench then measures a warm launch)")
     parser.add_argument("--json", help="write one JSON line per (method, batch) here")
 
 

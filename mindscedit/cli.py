@@ -22,8 +22,10 @@ def cmd_train(args, extra):
     check_unknown_flags(extra)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     config = load_config(args.config, overrides)
+    from .training.compile_cache import allow_in_this_process
     from .training.trainer import Trainer
 
+    allow_in_this_process()  # nothing is compiled yet in this process
     result = Trainer(config).train()
     summary = [f"step {result.global_step}"]
     if result.losses:
@@ -32,7 +34,8 @@ def cmd_train(args, extra):
         summary.append(f"{result.seconds_per_step:.3f} s/step")
         summary.append(f"{result.images_per_second:.2f} img/s")
     if result.compile_seconds:
-        summary.append(f"first step (graph compile) {result.compile_seconds:.1f} s")
+        cache = {"hit": ", from the compile cache", "miss": ", saved to the compile cache"}.get(result.compile_cache, "")
+        summary.append(f"first step (graph compile{cache}) {result.compile_seconds:.1f} s")
     if result.skipped_samples:
         summary.append(f"{result.skipped_samples} bad samples skipped")
     print("done: " + ", ".join(summary) + f"; weights in {config.output_dir}")

@@ -22,6 +22,10 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+def _default_compile_cache() -> str:
+    return os.environ.get("MINDSCEDIT_COMPILE_CACHE", os.path.join("~", ".cache", "mindscedit", "compile"))
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -73,6 +77,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     distributed: bool = False
+    # compiled train steps are kept here and reused by later runs of the same setup; "" turns it off
+    compile_cache_dir: str = field(default_factory=lambda: _default_compile_cache())
     # outputs
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None

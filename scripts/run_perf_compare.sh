@@ -4,6 +4,9 @@
 # cross_attention_dim 64), 256x256 images (32x32 latents), batch 8, LoRA rank 16 on q/k/v/out +
 # feed-forward. Prints the MindSpore/PyTorch ratios of s/step and peak RSS.
 #
+# MindSpore runs twice through a fresh compile cache: "cold" compiles the step (a first launch),
+# "warm" loads it (every later launch of the same setup).
+#
 # PyTorch runs twice per method: "fp32" (its CPU bf16 autocast switched off: the same fp32 math as
 # MindSpore here) and "ref" (torch_reference.py exactly as written: bf16 autocast, which on a CPU
 # without native bf16 is emulated and slow). Peak RSS comes from /usr/bin/time -v.
@@ -38,9 +41,19 @@ torch_run() {  # mode method
 
 for m in full lora scedit; do torch_run fp32 "$m"; done
 # mindscedit bench runs each case in its own process and reports that process's peak RSS.
-ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2} $PIN "$MS_PYTHON" -m mindscedit.cli bench --model_config mid \
-    --methods vanilla,lora,scedit --batch_sizes "$BS" --resolution 256 --lora_rank 16 --lora_targets attn+ff \
-    --steps "$STEPS" --warmup 2 --device_target CPU --json "$OUT/mindspore.jsonl" | tee "$OUT/mindspore.txt"
+rm -rf "$OUT/compile-cache"
+for phase in cold warm; do
+  ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2} $PIN "$MS_PYTHON" -m mindscedit.cli bench --model_config mid \
+      --methods vanilla,lora,scedit --batch_sizes "$BS" --resolution 256 --lora_rank 16 --lora_targets attn+ff \
+      --steps "$STEPS" --warmup 2 --device_target CPU --compile_cache_dir "$OUT/compile-cache" \
+      --json "$OUT/mindspore_$phase.jsonl" | tee "$OUT/mindspore_$phase.txt"
+done
+# Compile time of the SD1.5-size SCEdit step (random weights, 256x256, batch 1), cold and warm.
+for phase in cold warm; do
+  ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2} $PIN "$MS_PYTHON" -m mindscedit.cli bench --model_config sd15 \
+      --methods scedit --batch_sizes 1 --resolution 256 --steps 2 --warmup 0 --device_target CPU \
+      --compile_cache_dir "$OUT/compile-cache" --json "$OUT/sd15_$phase.jsonl" > "$OUT/sd15_$phase.txt"
+done
 if [ "${SKIP_TORCH_REF:-0}" != 1 ]; then
   for m in full lora scedit; do torch_run ref "$m"; done
 fi
@@ -48,7 +61,7 @@ fi
 "$MS_PYTHON" - "$OUT" <<'PY'
 import json, os, re, sys
 out = sys.argv[1]
-ms = {r["method"]: r for r in map(json.loads, open(f"{out}/mindspore.jsonl"))}
+cold, warm = ({r["method"]: r for r in map(json.loads, open(f"{out}/mindspore_{p}.jsonl"))} for p in ("cold", "warm"))
 
 def torch_row(mode, name):
     path = f"{out}/torch_{mode}_{name}.jsonl"
@@ -58,18 +71,26 @@ def torch_row(mode, name):
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{out}/torch_{mode}_{name}.time").read())
     return (rows[0]["s_per_step"], int(rss[1]) / 1024) if rows and rss else None
 
-print("\n| method | MindSpore s/step | MindSpore peak RSS MiB | MindSpore compile s "
-      "| PyTorch fp32 s/step, RSS MiB | ratio s/step, RSS | PyTorch ref (bf16 autocast) s/step, RSS MiB | ratio s/step, RSS |")
+print("\n| method | MindSpore s/step | peak RSS MiB, cold / warm | compile s, cold / warm "
+      "| PyTorch fp32 s/step, RSS MiB | ratio s/step, RSS cold / warm "
+      "| PyTorch ref (bf16 autocast) s/step, RSS MiB | ratio s/step, RSS cold / warm |")
 print("|---|---|---|---|---|---|---|---|")
 for ms_name, pt_name in (("vanilla", "full"), ("lora", "lora"), ("scedit", "scedit")):
-    m = ms[ms_name]
-    cells = [ms_name, f"{m['s_per_step']:.3f}", f"{m['peak_memory_mib']:.0f}", f"{m['compile_s']:.1f}"]
+    c, w = cold[ms_name], warm[ms_name]
+    assert w.get("compile_cache") == "hit", f"{ms_name}: the warm run did not load the cached step"
+    cells = [ms_name, f"{w['s_per_step']:.3f}", f"{c['peak_memory_mib']:.0f} / {w['peak_memory_mib']:.0f}",
+             f"{c['compile_s']:.1f} / {w['compile_s']:.1f}"]
     for mode in ("fp32", "ref"):
         t = torch_row(mode, pt_name)
-        cells += [f"{t[0]:.3f}, {t[1]:.0f}", f"{m['s_per_step'] / t[0]:.2f}, {m['peak_memory_mib'] / t[1]:.2f}"] if t else ["-", "-"]
+        cells += [f"{t[0]:.3f}, {t[1]:.0f}", f"{w['s_per_step'] / t[0]:.2f}, "
+                  f"{c['peak_memory_mib'] / t[1]:.2f} / {w['peak_memory_mib'] / t[1]:.2f}"] if t else ["-", "-"]
     print("| " + " | ".join(cells) + " |")
-s, l, v = ms["scedit"], ms["lora"], ms["vanilla"]
+s, l, v = warm["scedit"], warm["lora"], warm["vanilla"]
 print(f"\nMindSpore SCEdit / LoRA: s/step {s['s_per_step'] / l['s_per_step']:.2f}, "
       f"peak RSS {s['peak_memory_mib'] / l['peak_memory_mib']:.2f}; "
       f"LoRA / vanilla s/step {l['s_per_step'] / v['s_per_step']:.2f}")
+sd15 = [json.loads(open(f"{out}/sd15_{p}.jsonl").readline()) for p in ("cold", "warm")]
+print(f"SD1.5-size SCEdit step (256x256, batch 1): first step {sd15[0]['compile_s']:.1f} s cold, "
+      f"{sd15[1]['compile_s']:.1f} s warm ({sd15[1]['compile_cache']}); "
+      f"peak RSS {sd15[0]['peak_memory_mib']:.0f} / {sd15[1]['peak_memory_mib']:.0f} MiB; {sd15[1]['s_per_step']:.2f} s/step")
 PY

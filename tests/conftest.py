@@ -4,6 +4,10 @@ from pathlib import Path
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before MindSpore loads oneDNN
 os.environ.setdefault("GLOG_v", "3")
+if "MINDSCEDIT_COMPILE_CACHE" not in os.environ:  # tests (and their subprocesses) keep compiled steps out of ~
+    import tempfile
+
+    os.environ["MINDSCEDIT_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mindscedit-compile-cache-")
 
 import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402

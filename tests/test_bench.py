@@ -13,7 +13,7 @@ from mindscedit.tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGET
 FIELDS = {
     "method", "batch_size", "model", "resolution", "latent_size", "device", "jit_level", "mixed_precision",
     "lora_rank", "lora_targets", "dense_hint_kernel", "trainable_params", "unet_params", "trainable_pct", "peak_memory_mib",
-    "memory_kind", "compile_s", "s_per_step", "img_per_s", "timed_steps", "loss",
+    "memory_kind", "compile_s", "compile_cache", "s_per_step", "img_per_s", "timed_steps", "loss",
 }
 LORA_RANK = 4
 LATENT_FACTOR = 2 ** (len(TINY_VAE["block_out_channels"]) - 1)  # the tiny pipeline's VAE downscale
@@ -44,7 +44,8 @@ def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     argv = ["bench", "--model_config", "tiny", "--methods", "lora,scedit", "--batch_sizes", "2",
             "--resolution", "32", "--steps", "2", "--warmup", "0", "--lora_rank", str(LORA_RANK),
-            "--lora_targets", "attn+ff", "--device_target", "CPU", "--json", str(out)]
+            "--lora_targets", "attn+ff", "--device_target", "CPU", "--json", str(out),
+            "--compile_cache_dir", str(tmp_path / "cache")]
     assert main(argv) == 0  # each case compiles in its own process: one compile per method
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in open(out)]
@@ -68,6 +69,13 @@ def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
         line = next(l for l in printed.splitlines() if l.startswith(f"| {r['method']} | 2 |"))
         assert f"{r['trainable_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%)" in line
         assert f"{r['s_per_step']:.3f}" in line
+    assert [r["compile_cache"] for r in rows] == ["miss", "miss"]
+
+    # The same case again: a repeated launch loads the compiled step from the cache.
+    assert main([a if a != "lora,scedit" else "scedit" for a in argv]) == 0
+    again = json.loads(open(out).readline())
+    assert again["compile_cache"] == "hit" and "(cached)" in capsys.readouterr().out
+    assert again["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -99,3 +99,39 @@ def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention(base
     assert all(isinstance(a.processor, CoreAttnProcessor) and isinstance(a.attention_core, AttentionCore)
                for a in attentions)
     assert apply_fast_layers(unet) == 0  # idempotent
+
+
+def numpy_attention_grads(q, k, v, d_out, scale):
+    """Output and (dQ, dK, dV) of softmax(scale Q K^T) V for the loss sum(out * d_out)."""
+    s = scale * q @ k.transpose(0, 2, 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = p @ v
+    d_p = d_out @ v.transpose(0, 2, 1)
+    d_s = p * (d_p - (d_p * p).sum(-1, keepdims=True))
+    return out, scale * d_s @ k, scale * d_s.transpose(0, 2, 1) @ q, p.transpose(0, 2, 1) @ d_out
+
+
+@pytest.mark.parametrize("block_elements", [1 << 23, 3 * 6 * 5])  # one block; blocks of 3 slices, last one short
+def test_attention_core_forward_and_hand_written_backward_match_numpy(block_elements):
+    from mindscedit.models.fast_layers import AttentionCore
+
+    rng = np.random.default_rng(0)
+    batch, heads, tokens, context, dim, scale = 2, 4, 6, 5, 3, 0.7
+    q = rng.standard_normal((batch, heads, tokens, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, heads, context, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, heads, context, dim)).astype(np.float32)
+    d_out = rng.standard_normal((batch, heads, tokens, dim)).astype(np.float32)
+    core = AttentionCore(scale, block_elements)
+
+    def loss(a, b, c):
+        return (core(a, b, c) * ms.Tensor(d_out)).sum()
+
+    grad_fn = ms.jit(ms.grad(loss, grad_position=(0, 1, 2)))
+    out = core(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v)).asnumpy()
+    grads = [g.asnumpy() for g in grad_fn(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v))]
+    flat = [x.reshape(batch * heads, x.shape[2], dim) for x in (q, k, v, d_out)]
+    expected = numpy_attention_grads(*flat, scale)
+    np.testing.assert_allclose(out.reshape(batch * heads, tokens, dim), expected[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected[1:]):
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-4, atol=1e-5)

@@ -117,3 +117,64 @@ def test_resumed_run_reaches_the_same_weights(tiny_model_dir, photos_dir, tmp_pa
     assert set(got) == set(expected)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
+def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
+    from mindscedit.training.step import make_optimizer
+
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5,)).astype(np.float32)]
+    params = [ms.Parameter(ms.Tensor(w), name=f"w{i}") for i, w in enumerate(start)]
+    lrs, (beta1, beta2), eps, decay = [1e-2, 5e-3, 2e-3, 1e-3], (0.9, 0.999), 1e-8, 1e-2
+    optimizer = make_optimizer(params, lrs, beta1, beta2, eps, decay)
+    weights, avg, avg_sq = [w.astype(np.float64) for w in start], [0.0, 0.0], [0.0, 0.0]
+    applied = 0
+    for apply in (True, True, False, True):
+        grads = [rng.standard_normal(w.shape).astype(np.float32) for w in start]
+        if not apply:
+            grads[0][0, 0] = np.nan  # what a skipped step looks like
+        before = [p.asnumpy().copy() for p in params] + [m.asnumpy().copy() for m in optimizer.exp_avg]
+        optimizer(tuple(ms.Tensor(g) for g in grads), ms.Tensor(apply))
+        if not apply:
+            after = [p.asnumpy() for p in params] + [m.asnumpy() for m in optimizer.exp_avg]
+            assert all(np.array_equal(a, b) for a, b in zip(before, after))
+            assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == applied
+            continue
+        lr, applied = lrs[applied], applied + 1  # torch.optim.AdamW, in float64
+        for i, g in enumerate(grads):
+            avg[i] = beta1 * avg[i] + (1 - beta1) * g
+            avg_sq[i] = beta2 * avg_sq[i] + (1 - beta2) * g * g
+            weights[i] = weights[i] * (1 - lr * decay) - lr / (1 - beta1 ** applied) * avg[i] / (
+                np.sqrt(avg_sq[i] / (1 - beta2 ** applied)) + eps)
+        for p, w in zip(params, weights):
+            np.testing.assert_allclose(p.asnumpy(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_identically(
+        tiny_model_dir, photos_dir, tmp_path):
+    import subprocess
+    import sys
+
+    def run(name, *flags):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "mindscedit.cli", "train", "--pretrained_model_name_or_path", tiny_model_dir,
+               "--train_data_dir", photos_dir, "--output_dir", str(out), "--resolution", "32",
+               "--train_batch_size", "2", "--max_train_steps", "3", "--method", "scedit", "--learning_rate", "1e-3",
+               "--device_target", "CPU", "--compile_cache_dir", str(tmp_path / "cache"), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses = [json.loads(line)["loss"] for line in open(out / "logs.jsonl")]
+        return proc.stdout, losses, load_file(str(out / "adapter_model.safetensors"))
+
+    first_out, first_losses, first_weights = run("first")
+    second_out, second_losses, second_weights = run("second")
+    assert "saved to the compile cache" in first_out and "from the compile cache" in second_out
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    # The reloaded graph may order fp32 reductions differently: equal to rounding, not bitwise.
+    assert len(first_losses) == 3
+    np.testing.assert_allclose(second_losses, first_losses, rtol=1e-5)
+    assert second_weights.keys() == first_weights.keys()
+    for name, value in first_weights.items():
+        np.testing.assert_allclose(second_weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    other_out, _, _ = run("other", "--down_ratio", "0.5")  # another graph: its own cache entry
+    assert "saved to the compile cache" in other_out and len(os.listdir(tmp_path / "cache")) == 2

@@ -3,15 +3,16 @@
 On CPU mindone's attention has no fused kernel: it runs `softmax(Q K^T) V` with the
 [batch * heads, tokens, tokens] score matrix written out, and autodiff keeps those scores for
 backward. At the first UNet level (32x32 latents = 1024 tokens, 8 heads, batch 8) one such
-matrix is 256 MiB, against 1 MiB for the layer's input: the attention maps are most of a
-training step's memory and much of its time.
+matrix is 256 MiB, against 1 MiB for the layer's input. Worse, MindSpore's softmax backward
+subtracts a [.., tokens, 1] row term by implicit broadcasting, and the CPU kernel for an
+implicitly broadcast binary op keeps 16 bytes of index per output element for as long as the
+graph lives: 1 GiB per attention layer at that size, outside the memory pool.
 
-`apply_fast_layers(unet)` gives every such attention layer an `AttentionCore` Cell marked for
-recompute: backward keeps only Q, K and V and recomputes the scores of one layer at a time,
-as PyTorch's fused CPU attention does. The core also scales Q once and multiplies by K without
-a transposed copy. The processor adds no Parameters, so weights, saved keys and LoRA layers on
-to_q/to_k/to_v/to_out are unchanged. Where mindone has a fused flash attention (Ascend) the
-layers are left alone.
+`apply_fast_layers(unet)` gives every such attention layer an `AttentionCore`: attention over
+blocks of (batch * heads) slices with a hand-written backward that keeps only Q, K, V and the
+output, recomputes one block's probabilities at a time and expands the row term explicitly.
+The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q/to_k/to_v/to_out
+are unchanged. Where mindone has a fused flash attention (Ascend) the layers are left alone.
 """
 import os
 
@@ -21,38 +22,71 @@ from mindone.diffusers.models.attention_processor import Attention, AttnProcesso
 
 
 class HeadsAttention(nn.Cell):
-    """softmax(scale * Q K^T) V on [batch, heads, tokens, head_dim] tensors, without a mask."""
+    """softmax(scale * Q K^T) V on [n, tokens, head_dim] tensors, with a hand-written backward.
 
-    def __init__(self, scale: float, recompute: bool = True):
+    Backward keeps only Q, K, V and the output, recomputes the probabilities P, and forms
+    dS = P * (dP - rowsum(dO * O)) with the row term expanded explicitly: MindSpore's own
+    softmax backward subtracts a [.., tokens, 1] tensor by implicit broadcasting, and the CPU
+    kernel for that keeps 16 bytes of index per output element for the life of the graph
+    (1 GiB per attention layer at 1024 tokens, 8 heads, batch 8).
+    """
+
+    def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
-        self.scores = ops.BatchMatMul(transpose_b=True)
-        self.mix = ops.BatchMatMul()
-        if recompute:
-            self.recompute()
+        self.scores = ops.BatchMatMul(transpose_b=True)  # A B^T
+        self.mix = ops.BatchMatMul()                     # A B
+        self.mix_t = ops.BatchMatMul(transpose_a=True)   # A^T B
+        self.softmax = ops.Softmax(-1)
+
+    def probs(self, query, key):
+        return self.softmax(self.scores(query * self.scale, key))
 
     def construct(self, query, key, value):
-        scores = self.scores(query * self.scale, key)
-        return self.mix(ops.softmax(scores, -1), value)
+        return self.mix(self.probs(query, key), value)
+
+    def bprop(self, query, key, value, out, dout):
+        # depend() orders the recomputation after dout exists and keeps the graph optimiser
+        # from merging it with the forward's P (which would keep P alive until backward).
+        probs = self.probs(ops.depend(query, dout), key)
+        d_value = self.mix_t(probs, dout)
+        d_probs = self.scores(dout, value)
+        row = (dout * out).sum(-1, keepdims=True)  # sum_j P_ij dP_ij = dO_i . O_i
+        d_scores = probs * (d_probs - ops.broadcast_to(row, d_probs.shape))
+        d_query = self.mix(d_scores, key) * self.scale
+        d_key = self.mix_t(d_scores, query) * self.scale
+        return d_query, d_key, d_value
 
 
 class AttentionCore(nn.Cell):
-    """HeadsAttention over `chunks` groups of heads, one group at a time (smaller peak memory)."""
+    """Attention over [batch, heads, tokens, head_dim] in blocks of (batch * heads) slices.
 
-    def __init__(self, scale: float, recompute: bool = True, chunks: int = 1):
+    Each block's score matrix has at most `block_elements` entries, so forward and backward
+    hold one block's scores at a time instead of all of them (PyTorch's CPU attention also
+    works in blocks).
+    """
+
+    def __init__(self, scale: float, block_elements: int = 1 << 23):
         super().__init__()
-        self.chunks = chunks
-        self.attend = HeadsAttention(scale, recompute)
+        self.block_elements = block_elements
+        self.attend = HeadsAttention(scale)
 
     def construct(self, query, key, value):
-        if self.chunks == 1:
-            return self.attend(query, key, value)
-        n = query.shape[1] // self.chunks
-        outs = ()
-        for i in range(self.chunks):
-            outs = outs + (self.attend(query[:, i * n:(i + 1) * n], key[:, i * n:(i + 1) * n],
-                                       value[:, i * n:(i + 1) * n]),)
-        return ops.cat(outs, 1)
+        batch, heads, tokens, head_dim = query.shape
+        context = key.shape[2]
+        slices = batch * heads
+        query = query.reshape(slices, tokens, head_dim)
+        key = key.reshape(slices, context, head_dim)
+        value = value.reshape(slices, context, head_dim)
+        step = max(1, self.block_elements // (tokens * context))
+        if step >= slices:
+            out = self.attend(query, key, value)
+        else:
+            blocks = ()
+            for i in range(0, slices, step):
+                blocks = blocks + (self.attend(query[i:i + step], key[i:i + step], value[i:i + step]),)
+            out = ops.cat(blocks, 0)
+        return out.reshape(batch, heads, tokens, head_dim)
 
 
 class CoreAttnProcessor(AttnProcessor2_0):
@@ -91,7 +125,7 @@ def uses_fused_attention(attn: Attention) -> bool:
     return ms.get_context("device_target") != "CPU" and attn.fa_op_available and attn._enable_flash_sdp
 
 
-def apply_fast_layers(unet, recompute_attention: bool = True, chunks: int = 1) -> int:
+def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
     """Swap in the fast attention where mindone has no fused kernel; returns how many layers changed.
 
     MINDSCEDIT_FAST_LAYERS=0 in the environment leaves mindone's layers as they are (for A/B runs).
@@ -101,8 +135,7 @@ def apply_fast_layers(unet, recompute_attention: bool = True, chunks: int = 1) -
     changed = 0
     for _, cell in unet.cells_and_names():
         if isinstance(cell, Attention) and type(cell.processor) is AttnProcessor2_0 and not uses_fused_attention(cell):
-            heads_chunks = chunks if cell.heads % chunks == 0 else 1
-            cell.attention_core = AttentionCore(cell.scale, recompute_attention, heads_chunks)
+            cell.attention_core = AttentionCore(cell.scale, block_elements)
             cell.set_processor(CoreAttnProcessor())
             changed += 1
     return changed

@@ -19,6 +19,7 @@ from ..losses import DiffusionLoss
 from ..models import load_components
 from ..models.fast_layers import apply_fast_layers
 from ..runtime import Runtime, init_runtime
+from .compile_cache import compile_train_step
 from .checkpoint import (
     atomic_folder,
     load_training_state,
@@ -43,6 +44,7 @@ class TrainResult:
     seconds_per_step: Optional[float] = None  # median, compile step excluded
     images_per_second: Optional[float] = None
     compile_seconds: Optional[float] = None
+    compile_cache: Optional[str] = None  # "hit", "miss" or "off"
     stopped_early: Optional[str] = None
     diverged: bool = False  # stopped by max_nonfinite_steps: a failed run (the CLI exits 1)
     skipped_samples: int = 0  # bad rows dropped when loading + bad samples skipped by the loader
@@ -247,9 +249,11 @@ class Trainer:
                 for batch in iterate_batches(loader):
                     randomness = self.draw_randomness(micro_step, c.train_batch_size)
                     condition = (ms.Tensor(batch["condition"]),) if "condition" in batch else ()
-                    _, loss = self.train_step(
-                        ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition
-                    )
+                    inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition)
+                    if result.compile_cache is None:
+                        result.compile_cache = compile_train_step(
+                            self.train_step, inputs, c.compile_cache_dir, to_dict(c), rt.rank, rt.world_size)["cache"]
+                    _, loss = self.train_step(*inputs)
                     micro_step += 1
                     result.skipped_samples += int(batch["num_skipped"].sum())
                     window_losses.append(float(loss.asnumpy()))

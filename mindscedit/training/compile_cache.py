@@ -1,0 +1,143 @@
+"""Compile the train step once per setup, not once per launch.
+
+Compiling the UNet train step costs tens of seconds and over a GiB of host memory that the
+process then keeps. MindSpore's compile cache saves the compiled front-end graph and loads it
+on the next launch, but it names cached graphs only by compile order and checks only a hash of
+the Python sources. So each setup gets its own folder, `<root>/<key>`, where the key hashes
+everything that shapes the graph (run settings, every parameter's path/shape/dtype, input
+shapes, the noise schedule, package versions), and the cache is on only while the train step
+compiles. MindSpore numbers cached graphs per process and keeps the first cache path it was
+given, and switching the cache on after other graphs were compiled in the process breaks later
+compiles. So the cache serves only processes that ask for it before compiling anything (the
+`train` and `bench` commands call `allow_in_this_process()` first), and only their first train
+step: the folder then holds exactly one graph, number 0, the step. Graphs with control flow do not reload on MindSpore
+2.10, which is why the step is branch-free (see step.py); steps with gradient accumulation
+are compiled without the cache.
+"""
+import ctypes
+import hashlib
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import mindspore as ms
+
+logger = logging.getLogger(__name__)
+
+# Settings that never reach the compiled step (data, outputs, logging, validation).
+_NOT_IN_GRAPH = {
+    "pretrained_model_name_or_path", "output_dir", "seed", "train_data_dir", "dataset_name", "image_column",
+    "caption_column", "center_crop", "random_flip", "dataloader_num_workers", "on_bad_sample",
+    "max_nonfinite_steps", "conditioning_image_column", "canny_low_threshold", "canny_high_threshold",
+    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "logging_steps",
+    "validation_prompt", "validation_steps", "num_validation_images", "compile_cache_dir",
+}
+
+_PLAIN = (bool, int, float, str, tuple, type(None))
+# Attributes that differ between two builds of the same network and never reach the graph.
+_VOLATILE = {"phase", "cell_init_args", "create_time", "arguments_key", "compile_cache", "jit_config_dict",
+             "init_tensor"}
+_process = {"allowed": False, "used": False}
+
+
+def allow_in_this_process() -> None:
+    """Call before anything is compiled: this process's first train step may use the cache."""
+    _process["allowed"] = True
+
+
+def graph_key(train_step, inputs: Sequence[ms.Tensor], settings: dict, world_size: int = 1) -> str:
+    """A hash of everything the compiled step depends on besides the Python sources."""
+    import mindone
+
+    from .. import __version__
+
+    params = [(name, tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+              for name, p in train_step.parameters_and_names()]
+    # Cell attributes become graph constants: tensors (noise schedule tables) by value, plain
+    # numbers and strings (heads, scales, eps) as they are.
+    constants = hashlib.sha256()
+    for path, cell in train_step.cells_and_names():
+        constants.update(f"{path}:{type(cell).__qualname__}".encode())
+        for name, value in sorted(vars(cell).items()):
+            if name in _VOLATILE:
+                continue
+            if isinstance(value, ms.Tensor) and not isinstance(value, ms.Parameter):
+                constants.update(name.encode() + value.asnumpy().tobytes())
+            elif not name.startswith("_") and isinstance(value, _PLAIN):
+                constants.update(f"{name}={value!r}".encode())
+    blob = json.dumps(dict(
+        sources=_package_sources_hash(),
+        settings={k: v for k, v in settings.items() if k not in _NOT_IN_GRAPH},
+        params=params,
+        inputs=[(tuple(x.shape), str(x.dtype)) for x in inputs],
+        constants=constants.hexdigest(),
+        world_size=world_size,
+        versions=(__version__, ms.__version__, mindone.__version__),
+        context=(ms.get_context("device_target"), ms.get_context("mode")),
+    ), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _package_sources_hash() -> str:
+    """Our own sources: an installed package is outside MindSpore's dependency scan."""
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+def _compile_through_cache(train_step, inputs, folder):
+    from mindspore.graph import api as graph_api
+
+    entry = getattr(graph_api, "entry_script_path", None)
+    graph_api.entry_script_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_entry.py")
+    ms.set_context(enable_compile_cache=True, compile_cache_path=folder)
+    try:
+        train_step.compile(*inputs)
+    finally:
+        ms.set_context(enable_compile_cache=False)
+        graph_api.entry_script_path = entry
+
+
+def _release_freed_heap():
+    """Hand memory freed by the compiler back to the OS (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def compile_train_step(train_step, inputs: Sequence[ms.Tensor], cache_root: Optional[str],
+                       settings: Optional[dict] = None, rank: int = 0, world_size: int = 1) -> dict:
+    """Compile `train_step` for `inputs`, through the cache under `cache_root` when it can.
+
+    Returns {"cache": "hit" | "miss" | "off", "folder": path or None}. Anything that is not a
+    Cell (a stand-in step) is left to run as it is.
+    """
+    if not isinstance(train_step, ms.nn.Cell):
+        return {"cache": "off", "folder": None}
+    folder = None
+    if cache_root and getattr(train_step, "branch_free", False) and _process["allowed"] and not _process["used"]:
+        key = graph_key(train_step, inputs, settings or {}, world_size)
+        folder = os.path.join(os.path.expanduser(cache_root), key)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            logger.warning("compile cache off: cannot create %s (%s)", folder, error.strerror)
+            folder = None
+    if folder is None:
+        train_step.compile(*inputs)
+        _release_freed_heap()
+        return {"cache": "off", "folder": None}
+    cached = os.path.join(folder, f"rank_{rank}", "graph_cache", "compile_cache_0.mindir")
+    hit = os.path.exists(cached)
+    _process["used"] = True
+    _compile_through_cache(train_step, inputs, folder)
+    _release_freed_heap()
+    return {"cache": "hit" if hit else "miss", "folder": folder}
+
