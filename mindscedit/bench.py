@@ -120,6 +120,8 @@ def run_case(case: BenchCase) -> dict:
         freeze_all_but((unet,), trainable)
     apply_unet_precision(unet, trainable, case.method, DTYPES[case.mixed_precision])
     apply_fast_layers(unet)  # as the trainer does
+    if case.method == "controlnet":  # the baseline's own attention layers get the same treatment
+        apply_fast_layers(controlled.controlnet)
     num_trainable = sum(p.size for p in trainable)
 
     total_steps = 1 + case.warmup + case.steps
