@@ -146,7 +146,7 @@ def run_case(case: BenchCase) -> dict:
         start = time.perf_counter()
         step_inputs = (*inputs, timesteps) + ((condition,) if case.method in CONTROL_METHODS else ())
         if cache is None:  # the first step's time includes this compile, as in training
-            cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir, settings)["cache"]
+            cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir, settings)
         loss = float(train_step(*step_inputs)[1].asnumpy())  # asnumpy waits for the step to finish
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[1 + case.warmup:])

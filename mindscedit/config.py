@@ -78,7 +78,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     distributed: bool = False
     # compiled train steps are kept here and reused by later runs of the same setup; "" turns it off
-    compile_cache_dir: str = field(default_factory=lambda: _default_compile_cache())
+    compile_cache_dir: str = field(default_factory=_default_compile_cache)
     # outputs
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None

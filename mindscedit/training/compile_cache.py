@@ -10,9 +10,10 @@ compiles. MindSpore numbers cached graphs per process and keeps the first cache 
 given, and switching the cache on after other graphs were compiled in the process breaks later
 compiles. So the cache serves only processes that ask for it before compiling anything (the
 `train` and `bench` commands call `allow_in_this_process()` first), and only their first train
-step: the folder then holds exactly one graph, number 0, the step. Graphs with control flow do not reload on MindSpore
-2.10, which is why the step is branch-free (see step.py); steps with gradient accumulation
-are compiled without the cache.
+step: the folder then holds exactly one graph, number 0, the step. A damaged entry is
+recompiled by MindSpore. Graphs with control flow do not reload on MindSpore 2.10, which is
+why the step is branch-free (see step.py); steps with gradient accumulation are compiled
+without the cache.
 """
 import ctypes
 import hashlib
@@ -113,14 +114,14 @@ def _release_freed_heap():
 
 
 def compile_train_step(train_step, inputs: Sequence[ms.Tensor], cache_root: Optional[str],
-                       settings: Optional[dict] = None, rank: int = 0, world_size: int = 1) -> dict:
+                       settings: Optional[dict] = None, rank: int = 0, world_size: int = 1) -> str:
     """Compile `train_step` for `inputs`, through the cache under `cache_root` when it can.
 
-    Returns {"cache": "hit" | "miss" | "off", "folder": path or None}. Anything that is not a
-    Cell (a stand-in step) is left to run as it is.
+    Returns "hit" (a cached graph was there), "miss" (compiled and saved) or "off". Anything that
+    is not a Cell (a stand-in step) is left to run as it is.
     """
     if not isinstance(train_step, ms.nn.Cell):
-        return {"cache": "off", "folder": None}
+        return "off"
     folder = None
     if cache_root and getattr(train_step, "branch_free", False) and _process["allowed"] and not _process["used"]:
         key = graph_key(train_step, inputs, settings or {}, world_size)
@@ -133,11 +134,11 @@ def compile_train_step(train_step, inputs: Sequence[ms.Tensor], cache_root: Opti
     if folder is None:
         train_step.compile(*inputs)
         _release_freed_heap()
-        return {"cache": "off", "folder": None}
+        return "off"
     cached = os.path.join(folder, f"rank_{rank}", "graph_cache", "compile_cache_0.mindir")
     hit = os.path.exists(cached)
     _process["used"] = True
     _compile_through_cache(train_step, inputs, folder)
     _release_freed_heap()
-    return {"cache": "hit" if hit else "miss", "folder": folder}
+    return "hit" if hit else "miss"
 

@@ -48,7 +48,7 @@ def lr_schedule(learning_rate: float, lr_scheduler: str, lr_warmup_steps: int, m
 _gated_adamw = C.MultitypeFuncGraph("gated_adamw")
 
 
-def _keep_unless(apply, new, old):
+def _where_applied(apply, new, old):
     """`new` where the step applies, else `old` (explicit broadcast: see models/fast_layers.py)."""
     return ops.select(ops.broadcast_to(apply, old.shape), new, old)
 
@@ -64,9 +64,9 @@ def _gated_adamw_update(apply, beta1, beta2, eps, step, lr, weight_decay, param,
     step_size = lr / (1.0 - ops.pow(beta1, step))
     denom = ops.sqrt(new_avg_sq / (1.0 - ops.pow(beta2, step))) + eps
     new_weight = weight * (1.0 - lr * weight_decay) - new_avg / denom * step_size
-    ops.assign(exp_avg, _keep_unless(apply, new_avg, exp_avg))
-    ops.assign(exp_avg_sq, _keep_unless(apply, new_avg_sq, exp_avg_sq))
-    return ops.assign(param, _keep_unless(apply, new_weight.astype(param.dtype), param))
+    ops.assign(exp_avg, _where_applied(apply, new_avg, exp_avg))
+    ops.assign(exp_avg_sq, _where_applied(apply, new_avg_sq, exp_avg_sq))
+    return ops.assign(param, _where_applied(apply, new_weight.astype(param.dtype), param))
 
 
 class GatedAdamW(AdamW):

@@ -252,7 +252,7 @@ class Trainer:
                     inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition)
                     if result.compile_cache is None:
                         result.compile_cache = compile_train_step(
-                            self.train_step, inputs, c.compile_cache_dir, to_dict(c), rt.rank, rt.world_size)["cache"]
+                            self.train_step, inputs, c.compile_cache_dir, to_dict(c), rt.rank, rt.world_size)
                     _, loss = self.train_step(*inputs)
                     micro_step += 1
                     result.skipped_samples += int(batch["num_skipped"].sum())
