@@ -92,6 +92,7 @@ def run_case(case: BenchCase) -> dict:
     from .config import TrainConfig
     from .losses import DiffusionLoss
     from .models.fast_layers import apply_fast_layers
+    from .models.graph_sharing import share_repeated_blocks
     from .runtime import init_runtime
     from .training.methods import apply_unet_precision, freeze_all_but, get_method
     from .training.network import LatentTrainNet
@@ -126,6 +127,7 @@ def run_case(case: BenchCase) -> dict:
 
     total_steps = 1 + case.warmup + case.steps
     network = LatentTrainNet(unet, DiffusionLoss(alphas_cumprod, "epsilon"), controlled)
+    share_repeated_blocks(network)  # as the trainer does
     optimizer = make_optimizer(trainable, lr_schedule(1e-4, "constant", 0, total_steps))
     train_step = build_train_step(network, optimizer, case.mixed_precision, 1.0, 1, case.jit_level)
 

@@ -1,9 +1,11 @@
 """Speed/memory optimisations change no numbers: same losses, same trained weights, same keys.
 
 Each method trains the tiny UNet a few steps with the training step code (LatentTrainNet,
-build_train_step) from identical weights and inputs, once as mindone builds it and once with
-`apply_fast_layers`; loss trajectories and the trained weights must agree to fp32 rounding.
+build_train_step) from identical weights and inputs, once as mindone builds it and once with an
+optimisation (`apply_fast_layers`, `share_repeated_blocks`); loss trajectories and the trained
+weights must agree to fp32 rounding.
 """
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -12,6 +14,7 @@ from mindscedit.config import TrainConfig
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
 from mindscedit.models.fast_layers import AttentionCore, CoreAttnProcessor, apply_fast_layers
+from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, share_repeated_blocks
 from mindscedit.training.methods import freeze_all_but, get_method
 from mindscedit.training.network import LatentTrainNet
 from mindscedit.training.step import build_train_step, lr_schedule, make_optimizer
@@ -36,16 +39,20 @@ def fresh_unet(weights):
     return unet
 
 
-def train(weights, method_name, fast, steps=STEPS):
+def train(weights, method_name, optimisation=None, steps=STEPS):
     """(losses, {param name: trained value}) after `steps` steps of `method_name`."""
     unet = fresh_unet(weights)
-    if fast:
+    if optimisation == "fast_layers":
         assert apply_fast_layers(unet) > 0
     method = get_method(TrainConfig(method=method_name, rank=4,
                                     lora_target_modules=ATTENTION_TARGETS + FEED_FORWARD_TARGETS))
     ms.set_seed(1)  # same tuner / LoRA initialisation in both runs
     trainable = method.prepare(unet)
     freeze_all_but((unet,), trainable)
+    if optimisation == "checkpointed_shared_blocks":  # recomputed blocks that share a graph
+        unet.enable_gradient_checkpointing()
+    if optimisation in ("shared_blocks", "checkpointed_shared_blocks"):  # as the trainer does, once final
+        assert share_repeated_blocks(unet) > 0
     if method_name == "scedit":  # zero-initialised ln2 would hide the encoder path: start non-trivially
         for p in trainable:
             p.set_data(ms.Tensor(np.random.default_rng(2).normal(0, 0.05, p.shape).astype(np.float32)))
@@ -72,11 +79,27 @@ def train(weights, method_name, fast, steps=STEPS):
     return np.array(losses), {names[id(p)]: p.asnumpy() for p in trainable}
 
 
-@pytest.mark.parametrize("method_name", ["lora", "scedit"])  # LoRA: backward through every attention
-def test_fast_layers_leave_the_loss_trajectory_and_trained_weights_unchanged(base_weights, method_name):
-    start = {k: v for k, v in train(base_weights, method_name, fast=False, steps=0)[1].items()}
-    losses, weights = train(base_weights, method_name, fast=False)
-    fast_losses, fast_weights = train(base_weights, method_name, fast=True)
+@pytest.fixture(scope="module")
+def plain_run(base_weights):
+    """The reference run of a method, as mindone builds the UNet; run once per method."""
+    runs = {}
+
+    def run(method_name):
+        if method_name not in runs:
+            runs[method_name] = train(base_weights, method_name)
+        return runs[method_name]
+    return run
+
+
+@pytest.mark.parametrize("method_name, optimisation", [
+    ("lora", "fast_layers"), ("scedit", "fast_layers"),  # LoRA: backward through every block
+    ("lora", "shared_blocks"), ("scedit", "shared_blocks"), ("lora", "checkpointed_shared_blocks"),
+])
+def test_optimisations_leave_the_loss_trajectory_and_trained_weights_unchanged(base_weights, plain_run, method_name,
+                                                                             optimisation):
+    start = {k: v for k, v in train(base_weights, method_name, steps=0)[1].items()}
+    losses, weights = plain_run(method_name)
+    fast_losses, fast_weights = train(base_weights, method_name, optimisation)
     assert np.all(np.isfinite(losses)) and len(set(np.round(losses, 6))) > 1  # it did train
     np.testing.assert_allclose(fast_losses, losses, rtol=1e-4, atol=1e-6)
     assert fast_weights.keys() == weights.keys()
@@ -99,6 +122,47 @@ def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention(base
     assert all(isinstance(a.processor, CoreAttnProcessor) and isinstance(a.attention_core, AttentionCore)
                for a in attentions)
     assert apply_fast_layers(unet) == 0  # idempotent
+
+
+def test_repeated_blocks_share_a_graph_only_when_equal_but_for_their_weights(base_weights):
+    unet = fresh_unet(base_weights)
+    keys = [name for name, _ in unet.parameters_and_names()]
+    blocks = {path: c for path, c in unet.cells_and_names() if isinstance(c, REPEATED_BLOCKS)}
+    assert share_repeated_blocks(unet) == len(blocks)  # the tiny UNet has no block inside another
+    assert [name for name, _ in unet.parameters_and_names()] == keys
+    assert all(b.no_inline is False for b in blocks.values())
+    by_key = {}
+    for path, block in blocks.items():
+        by_key.setdefault(block.cell_init_args, []).append(path)
+    shared = [paths for paths in by_key.values() if len(paths) > 1]
+    assert shared and len(by_key) < len(blocks)  # some blocks do share
+    first, second = (blocks[p] for p in shared[0][:2])
+    assert block_key(first) == block_key(second)
+    # A constant, or which weights train, tells blocks apart.
+    first.extra_constant = 2.0
+    assert block_key(first) != block_key(second)
+    first, second = (blocks[p] for p in shared[1][:2])
+    next(iter(first.get_parameters())).requires_grad = False
+    next(iter(second.get_parameters())).requires_grad = True
+    assert block_key(first) != block_key(second)
+
+
+def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_dir):
+    from mindscedit.models.loading import load_components
+    from mindscedit.sampling.sampler import TextEncoder, VaeDecoder
+
+    ids = ms.Tensor(np.random.default_rng(0).integers(0, 50, (1, 77)).astype(np.int32))
+    latents = ms.Tensor(np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    outputs = []
+    for share in (False, True):
+        components = load_components(str(tiny_model_dir))
+        if share:
+            assert share_repeated_blocks(components.text_encoder) == 2  # its two layers
+            assert share_repeated_blocks(components.vae) > 0
+        outputs.append((TextEncoder(components.text_encoder)(ids).asnumpy(),
+                        VaeDecoder(components.vae)(latents).asnumpy()))
+    for plain, shared in zip(*outputs):
+        np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
 
 
 def numpy_attention_grads(q, k, v, d_out, scale):

@@ -134,9 +134,11 @@ def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
         if not apply:
             grads[0][0, 0] = np.nan  # what a skipped step looks like
         before = [p.asnumpy().copy() for p in params] + [m.asnumpy().copy() for m in optimizer.exp_avg]
+        before += [v.asnumpy().copy() for v in optimizer.exp_avg_sq]
         optimizer(tuple(ms.Tensor(g) for g in grads), ms.Tensor(apply))
         if not apply:
             after = [p.asnumpy() for p in params] + [m.asnumpy() for m in optimizer.exp_avg]
+            after += [v.asnumpy() for v in optimizer.exp_avg_sq]
             assert all(np.array_equal(a, b) for a, b in zip(before, after))
             assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == applied
             continue

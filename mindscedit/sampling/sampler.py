@@ -7,7 +7,8 @@ guidance scale passed as Tensors, the decoder the final latents. The scheduler's
 
 The Cells are built with auto_prefix=False so that wrapping a UNet that a training graph also
 holds does not rename its parameters: sampling between training steps leaves the training
-graph exactly as it was compiled.
+graph exactly as it was compiled. Repeated blocks share their compiled graph
+(models/graph_sharing.py).
 """
 from typing import List, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..models.graph_sharing import share_repeated_blocks
 from .schedulers import make_scheduler
 
 
@@ -103,6 +105,9 @@ class Sampler:
         self.scheduler = scheduler
         self.controlled = controlled  # a ControlledUNet with CSC-Tuners, for control_images
         make_scheduler(scheduler, components.noise_scheduler.config)  # fail early on a bad name
+        unet = components.unet if controlled is None else controlled
+        for network in (unet, components.vae, components.text_encoder):
+            share_repeated_blocks(network)  # the networks are final here (adapters loaded)
         self.text_encoder = TextEncoder(components.text_encoder)
         self.guided_denoiser = GuidedDenoiser(components.unet, controlled)
         self.cond_denoiser = CondDenoiser(components.unet, controlled)

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import mindspore as ms
 
+from ..models.graph_sharing import update_with_cell_constants
+
 logger = logging.getLogger(__name__)
 
 # Settings that never reach the compiled step (data, outputs, logging, validation).
@@ -35,10 +37,6 @@ _NOT_IN_GRAPH = {
     "validation_prompt", "validation_steps", "num_validation_images", "compile_cache_dir",
 }
 
-_PLAIN = (bool, int, float, str, tuple, type(None))
-# Attributes that differ between two builds of the same network and never reach the graph.
-_VOLATILE = {"phase", "cell_init_args", "create_time", "arguments_key", "compile_cache", "jit_config_dict",
-             "init_tensor"}
 _process = {"allowed": False, "used": False}
 
 
@@ -58,15 +56,7 @@ def graph_key(train_step, inputs: Sequence[ms.Tensor], settings: dict, world_siz
     # Cell attributes become graph constants: tensors (noise schedule tables) by value, plain
     # numbers and strings (heads, scales, eps) as they are.
     constants = hashlib.sha256()
-    for path, cell in train_step.cells_and_names():
-        constants.update(f"{path}:{type(cell).__qualname__}".encode())
-        for name, value in sorted(vars(cell).items()):
-            if name in _VOLATILE:
-                continue
-            if isinstance(value, ms.Tensor) and not isinstance(value, ms.Parameter):
-                constants.update(name.encode() + value.asnumpy().tobytes())
-            elif not name.startswith("_") and isinstance(value, _PLAIN):
-                constants.update(f"{name}={value!r}".encode())
+    update_with_cell_constants(constants, train_step)
     blob = json.dumps(dict(
         sources=_package_sources_hash(),
         settings={k: v for k, v in settings.items() if k not in _NOT_IN_GRAPH},

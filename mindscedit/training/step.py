@@ -45,40 +45,52 @@ def lr_schedule(learning_rate: float, lr_scheduler: str, lr_warmup_steps: int, m
     )
 
 
-_gated_adamw = C.MultitypeFuncGraph("gated_adamw")
+_fused_adamw = C.MultitypeFuncGraph("fused_adamw")
+_adam_weight_decay = ops.AdamWeightDecay()
 
 
-def _where_applied(apply, new, old):
-    """`new` where the step applies, else `old` (explicit broadcast: see models/fast_layers.py)."""
-    return ops.select(ops.broadcast_to(apply, old.shape), new, old)
-
-
-@_gated_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                       "Tensor", "Tensor", "Tensor", "Tensor")
-def _gated_adamw_update(apply, beta1, beta2, eps, step, lr, weight_decay, param, grad, exp_avg, exp_avg_sq):
-    """torch.optim.AdamW's update of one parameter, written only where `apply` is True."""
+@_fused_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Tensor", "Tensor")
+def _fused_adamw_update(apply, lr, beta1, beta2, eps, decay, param, grad, exp_avg, exp_avg_sq):
+    """One fused kernel per parameter; a gated-off step feeds it a zero gradient (explicit
+    broadcast: see models/fast_layers.py), so a non-finite gradient never reaches the moments."""
     grad = grad.astype(ms.float32)
-    weight = param.astype(ms.float32)
-    new_avg = exp_avg * beta1 + grad * (1.0 - beta1)
-    new_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
-    step_size = lr / (1.0 - ops.pow(beta1, step))
-    denom = ops.sqrt(new_avg_sq / (1.0 - ops.pow(beta2, step))) + eps
-    new_weight = weight * (1.0 - lr * weight_decay) - new_avg / denom * step_size
-    ops.assign(exp_avg, _where_applied(apply, new_avg, exp_avg))
-    ops.assign(exp_avg_sq, _where_applied(apply, new_avg_sq, exp_avg_sq))
-    return ops.assign(param, _where_applied(apply, new_weight.astype(param.dtype), param))
+    grad = ops.select(ops.broadcast_to(apply, grad.shape), grad, ops.zeros_like(grad))
+    return _adam_weight_decay(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, grad)
 
 
 class GatedAdamW(AdamW):
-    """mindone's AdamW (bias-corrected, decoupled decay) with an `apply` flag: when it is False
-    the weights, moments, step count and learning-rate position all stay as they were."""
+    """mindone's AdamW (bias-corrected, decoupled decay, as torch.optim.AdamW) with an `apply`
+    flag: when it is False the weights, moments, step count and learning-rate position all stay
+    as they were.
+
+    The update runs as MindSpore's fused AdamWeightDecay kernel, one node per parameter instead of
+    some twenty, which matters for compile time when every UNet weight trains. That kernel has no
+    bias correction, so torch's is folded into its scalars: with c1 = 1 - beta1^t and
+    c2 = 1 - beta2^t, lr' = lr * sqrt(c2) / c1, eps' = eps * sqrt(c2), decay' = decay * c1 / sqrt(c2)
+    give w - lr' * (m / (sqrt(v) + eps') + decay' * w), which is torch's
+    w * (1 - lr * decay) - lr / c1 * m / (sqrt(v / c2) + eps). A gated-off step runs the kernel with
+    lr' = 0 and both betas 1, which leaves w, m and v exactly as they were.
+    """
 
     def construct(self, gradients, apply=True):
         apply = ops.logical_and(ms.Tensor(True), apply)  # a bool Tensor whether given a constant or not
-        lr = self.get_lr()
-        step = (self.global_step + 1).astype(ms.float32)
+        beta1, beta2 = self.beta1.reshape(()), self.beta2.reshape(())
+        step = (self.global_step + 1).astype(ms.float32).reshape(())
+        correction1 = 1.0 - ops.pow(beta1, step)
+        sqrt_correction2 = ops.sqrt(1.0 - ops.pow(beta2, step))
+        one, zero = ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)
+        lr = ops.select(apply, self.get_lr().reshape(()) * sqrt_correction2 / correction1, zero)
         updates = self.hyper_map(
-            F.partial(_gated_adamw, apply, self.beta1, self.beta2, self.eps, step, lr, self.weight_decay),
+            F.partial(
+                _fused_adamw,
+                apply,
+                lr,
+                ops.select(apply, beta1, one),
+                ops.select(apply, beta2, one),
+                self.eps.reshape(()) * sqrt_correction2,
+                self.weight_decay * correction1 / sqrt_correction2,
+            ),
             self._parameters, self.flatten_gradients(gradients), self.exp_avg, self.exp_avg_sq,
         )
         ops.assign_add(self.global_step, apply.astype(self.global_step.dtype))

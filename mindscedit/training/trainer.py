@@ -18,6 +18,7 @@ from ..data import create_dataloader, iterate_batches, load_records
 from ..losses import DiffusionLoss
 from ..models import load_components
 from ..models.fast_layers import apply_fast_layers
+from ..models.graph_sharing import share_repeated_blocks
 from ..runtime import Runtime, init_runtime
 from .compile_cache import compile_train_step
 from .checkpoint import (
@@ -112,6 +113,7 @@ class Trainer:
         loss = DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma)
         self.num_train_timesteps = len(alphas_cumprod)
         network = LatentDiffusionTrainNet(unet, vae, text_encoder, loss, self.method.controlled_unet)
+        share_repeated_blocks(network)  # the networks are final: blocks are keyed by their structure
         self.lrs = lr_schedule(c.learning_rate, c.lr_scheduler, c.lr_warmup_steps, c.max_train_steps)
         optimizer = make_optimizer(
             self.trainable, self.lrs, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.adam_weight_decay

@@ -1,0 +1,75 @@
+"""Compile each kind of repeated block once, not once per copy.
+
+MindSpore's front end parses, type-infers and differentiates the graph of every Cell instance
+on its own, so the 22 ResnetBlock2D and 16 Transformer2DModel copies of an SD1.5 UNet (and the
+VAE's resnets, the text encoder's layers) are each compiled separately. A Cell marked reusable
+(what `mindspore.lazy_inline` does from `__init__`) shares one graph with every instance of the
+same key; with the "front" policy that graph is inlined back in the front end, so the backend
+still sees one plain graph (the CPU backend cannot run calls into a shared graph, the default
+policy's form). Marked cells must not nest: a reusable cell inside another one crashes the
+compiler.
+
+`mindspore.lazy_inline` keys instances by their constructor arguments. Here the key is taken
+once the network is final (tuners injected, fast layers in place) from what its graph is built
+of: every sub-cell's path and class, its plain attributes and tensor constants, the class of any
+other object it holds (an attention processor), and every parameter's path, shape, dtype and
+requires_grad. Two blocks share a graph only if all of that is equal; only their weights differ.
+
+MINDSCEDIT_SHARE_GRAPHS=0 in the environment leaves every block compiled on its own (A/B runs).
+"""
+import hashlib
+import os
+
+import mindspore as ms
+from mindspore import nn
+from mindone.diffusers.models.resnet import ResnetBlock2D
+from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
+from mindone.transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+REPEATED_BLOCKS = (ResnetBlock2D, Transformer2DModel, CLIPEncoderLayer)  # none contains another
+
+_PLAIN = (bool, int, float, str, tuple, type(None))
+# Attributes that differ between two builds of the same network and never reach the graph.
+VOLATILE_ATTRIBUTES = {"phase", "cell_init_args", "no_inline", "create_time", "arguments_key", "compile_cache",
+                       "jit_config_dict", "init_tensor"}
+
+
+def update_with_cell_constants(digest, cell: nn.Cell) -> None:
+    """Feed `digest` with what each sub-cell contributes to a graph besides its weights: path and
+    class, tensor constants by value, plain attributes as they are, other objects by class."""
+    for path, sub in cell.cells_and_names():
+        digest.update(f"{path}:{type(sub).__qualname__}".encode())
+        for name, value in sorted(vars(sub).items()):
+            if name in VOLATILE_ATTRIBUTES or isinstance(value, (ms.Parameter, nn.Cell)):
+                continue  # parameters are keyed by shape elsewhere; cells are walked above
+            if isinstance(value, ms.Tensor):
+                digest.update(name.encode() + value.asnumpy().tobytes())
+            elif name.startswith("_"):
+                continue
+            elif isinstance(value, _PLAIN):
+                digest.update(f"{name}={value!r}".encode())
+            else:
+                digest.update(f"{name}:{type(value).__qualname__}".encode())
+
+
+def block_key(block: nn.Cell) -> str:
+    digest = hashlib.sha256()
+    update_with_cell_constants(digest, block)
+    for name, p in block.parameters_and_names():
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}".encode())
+    return f"lazy_inline_{type(block).__name__}_{digest.hexdigest()[:24]}"
+
+
+def share_repeated_blocks(network: nn.Cell) -> int:
+    """Mark every outermost block of REPEATED_BLOCKS in `network` reusable (policy
+    "front"); returns how many blocks were marked. Call it once the network is final: a block
+    changed afterwards would keep a stale key."""
+    if os.environ.get("MINDSCEDIT_SHARE_GRAPHS", "1") == "0":
+        return 0
+    marked = []  # paths of marked blocks: their sub-cells are not marked again
+    for path, cell in network.cells_and_names():
+        if isinstance(cell, REPEATED_BLOCKS) and not any(path.startswith(p + ".") for p in marked):
+            cell.cell_init_args = block_key(cell)
+            cell.no_inline = False  # lazy_inline's "front" policy
+            marked.append(path)
+    return len(marked)
