@@ -147,6 +147,20 @@ def test_repeated_blocks_share_a_graph_only_when_equal_but_for_their_weights(bas
     assert block_key(first) != block_key(second)
 
 
+def test_blocks_with_active_dropout_keep_their_own_graph(base_weights):
+    from mindspore import nn
+
+    unet = fresh_unet(base_weights)
+    blocks = [c for _, c in unet.cells_and_names() if isinstance(c, REPEATED_BLOCKS)]
+    dropouts = [c for c in blocks if any(isinstance(d, nn.Dropout) for _, d in c.cells_and_names())]
+    assert dropouts  # mindone's transformer blocks hold Dropout(p=0.0), which draws nothing
+    for _, d in dropouts[0].cells_and_names():
+        if isinstance(d, nn.Dropout):
+            d.p = 0.1
+    assert share_repeated_blocks(unet) == len(blocks) - 1
+    assert not hasattr(dropouts[0], "no_inline")
+
+
 def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_dir):
     from mindscedit.models.loading import load_components
     from mindscedit.sampling.sampler import TextEncoder, VaeDecoder

@@ -60,15 +60,27 @@ def block_key(block: nn.Cell) -> str:
     return f"lazy_inline_{type(block).__name__}_{digest.hexdigest()[:24]}"
 
 
+def has_active_dropout(block: nn.Cell) -> bool:
+    """Blocks sharing a graph share its random ops too: their dropout masks would be the same."""
+    for _, cell in block.cells_and_names():
+        if isinstance(cell, nn.Dropout):
+            rate = cell.p if cell.p is not None else 1.0 - cell.keep_prob
+            if rate > 0:
+                return True
+    return False
+
+
 def share_repeated_blocks(network: nn.Cell) -> int:
-    """Mark every outermost block of REPEATED_BLOCKS in `network` reusable (policy
-    "front"); returns how many blocks were marked. Call it once the network is final: a block
-    changed afterwards would keep a stale key."""
+    """Mark every outermost block of REPEATED_BLOCKS in `network` reusable (policy "front"),
+    except blocks with active dropout; returns how many blocks were marked. Call it once the
+    network is final: a block changed afterwards would keep a stale key."""
     if os.environ.get("MINDSCEDIT_SHARE_GRAPHS", "1") == "0":
         return 0
     marked = []  # paths of marked blocks: their sub-cells are not marked again
     for path, cell in network.cells_and_names():
-        if isinstance(cell, REPEATED_BLOCKS) and not any(path.startswith(p + ".") for p in marked):
+        if not isinstance(cell, REPEATED_BLOCKS) or has_active_dropout(cell):
+            continue
+        if not any(path.startswith(p + ".") for p in marked):
             cell.cell_init_args = block_key(cell)
             cell.no_inline = False  # lazy_inline's "front" policy
             marked.append(path)
