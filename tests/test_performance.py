@@ -14,7 +14,7 @@ from mindscedit.config import TrainConfig
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
 from mindscedit.models.fast_layers import AttentionCore, CoreAttnProcessor, apply_fast_layers
-from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, share_repeated_blocks
+from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
 from mindscedit.training.methods import freeze_all_but, get_method
 from mindscedit.training.network import LatentTrainNet
 from mindscedit.training.step import build_train_step, lr_schedule, make_optimizer
@@ -177,6 +177,11 @@ def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_d
                         VaeDecoder(components.vae)(latents).asnumpy()))
     for plain, shared in zip(*outputs):
         np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
+    # A layer whose attention drops out (functional dropout on a rate) keeps its own graph.
+    attention = next(c for _, c in components.text_encoder.cells_and_names() if hasattr(c, "dropout"))
+    attention.dropout = 0.1
+    blocks = [c for _, c in components.text_encoder.cells_and_names() if isinstance(c, REPEATED_BLOCKS)]
+    assert sum(has_active_dropout(b) for b in blocks) == 1
 
 
 def numpy_attention_grads(q, k, v, d_out, scale):

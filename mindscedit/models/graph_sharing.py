@@ -64,9 +64,11 @@ def has_active_dropout(block: nn.Cell) -> bool:
     """Blocks sharing a graph share its random ops too: their dropout masks would be the same."""
     for _, cell in block.cells_and_names():
         if isinstance(cell, nn.Dropout):
-            rate = cell.p if cell.p is not None else 1.0 - cell.keep_prob
-            if rate > 0:
-                return True
+            rates = [cell.p if cell.p is not None else 1.0 - cell.keep_prob]
+        else:  # a rate for functional dropout, as CLIPAttention.dropout
+            rates = [v for k, v in vars(cell).items() if "dropout" in k and isinstance(v, float)]
+        if any(rate > 0 for rate in rates):
+            return True
     return False
 
 
