@@ -152,6 +152,49 @@ def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
             np.testing.assert_allclose(p.asnumpy(), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])  # fp16: gradients arrive loss-scaled by 2^16
+def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_precision):
+    from mindspore import nn
+
+    from mindscedit.training.step import BranchFreeTrainStep, build_train_step, make_optimizer
+
+    class Linear(nn.Cell):  # loss = sum(cw * w) + sum(cb * b): the gradients are the inputs
+        def __init__(self):
+            super().__init__()
+            self.w = ms.Parameter(ms.Tensor(np.zeros(4, np.float32)), name="w")
+            self.b = ms.Parameter(ms.Tensor(np.ones((2, 3), np.float32)), name="b")
+
+        def construct(self, cw, cb):
+            return (self.w * cw).sum() + (self.b * cb).sum()
+
+    net = Linear()
+    lr, (beta1, beta2), eps, decay, max_norm = 1e-2, (0.9, 0.999), 1e-8, 1e-2, 1.0
+    optimizer = make_optimizer([net.w, net.b], [lr] * 8, beta1, beta2, eps, decay)
+    step = build_train_step(net, optimizer, mixed_precision, max_norm, 1)
+    assert isinstance(step, BranchFreeTrainStep)
+    rng = np.random.default_rng(0)
+    weights, avg, avg_sq, applied = [np.zeros(4), np.ones((2, 3))], [0.0, 0.0], [0.0, 0.0], 0
+    for scale in (10.0, 0.1, None, 3.0):  # global norm above, below the clip; a NaN step; above
+        grads = [rng.standard_normal(4), rng.standard_normal((2, 3))]
+        if scale is None:
+            grads[1][0, 0] = np.nan
+        else:
+            norm = np.sqrt(sum((g ** 2).sum() for g in grads))
+            grads = [g * scale / norm for g in grads]
+        step(*(ms.Tensor(g.astype(np.float32)) for g in grads))
+        assert bool(step.grad_scaler.all_finite.asnumpy()) == (scale is not None)
+        if scale is not None:  # torch.optim.AdamW on clip_by_global_norm's gradients, in float64
+            applied += 1
+            clipped = [g * max_norm / max(scale, max_norm) for g in grads]
+            for i, g in enumerate(clipped):
+                avg[i] = beta1 * avg[i] + (1 - beta1) * g
+                avg_sq[i] = beta2 * avg_sq[i] + (1 - beta2) * g * g
+                weights[i] = weights[i] * (1 - lr * decay) - lr / (1 - beta1 ** applied) * avg[i] / (
+                    np.sqrt(avg_sq[i] / (1 - beta2 ** applied)) + eps)
+        for p, w in zip((net.w, net.b), weights):
+            np.testing.assert_allclose(p.asnumpy(), w, rtol=1e-5, atol=1e-6)
+
+
 def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_identically(
         tiny_model_dir, photos_dir, tmp_path):
     import subprocess

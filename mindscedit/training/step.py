@@ -5,12 +5,18 @@ scaling and gradient accumulation. Without accumulation the step here runs branc
 whose gradients are not finite is skipped by gating the optimizer's writes rather than by an
 `if`, so the compiled graph has no control flow and MindSpore's compile cache can store it
 (see compile_cache.py). With accumulation mindone's own step (with its branches) runs.
+
+The branch-free step also handles the gradients in one pass: a single sum of squares gives the
+global norm and the finiteness check, unscaling and clipping become one scalar factor, and the
+optimizer applies that factor inside its per-weight update. Per weight the graph then holds a
+handful of nodes instead of a dozen (compile time), and no clipped or unscaled copy of the
+gradients is ever materialised (memory).
 """
 from typing import List, Optional
 
 import mindspore as ms
 from mindspore import ops
-from mindspore.amp import DynamicLossScaler, all_finite
+from mindspore.amp import DynamicLossScaler
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindone.diffusers.optimization import get_scheduler
@@ -49,14 +55,23 @@ _fused_adamw = C.MultitypeFuncGraph("fused_adamw")
 _adam_weight_decay = ops.AdamWeightDecay()
 
 
-@_fused_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+@_fused_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
                        "Tensor", "Tensor")
-def _fused_adamw_update(apply, lr, beta1, beta2, eps, decay, param, grad, exp_avg, exp_avg_sq):
-    """One fused kernel per parameter; a gated-off step feeds it a zero gradient (explicit
-    broadcast: see models/fast_layers.py), so a non-finite gradient never reaches the moments."""
-    grad = grad.astype(ms.float32)
+def _fused_adamw_update(apply, grad_factor, lr, beta1, beta2, eps, decay, param, grad, exp_avg, exp_avg_sq):
+    """One fused kernel per parameter on grad * grad_factor (a scalar: no broadcast index, see
+    models/fast_layers.py); a gated-off step feeds it a zero gradient, so a non-finite gradient
+    never reaches the moments."""
+    grad = grad.astype(ms.float32) * grad_factor
     grad = ops.select(ops.broadcast_to(apply, grad.shape), grad, ops.zeros_like(grad))
     return _adam_weight_decay(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, grad)
+
+
+_square_sum = C.MultitypeFuncGraph("square_sum")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_of(grad):
+    return ops.reduce_sum(ops.square(grad.astype(ms.float32)))
 
 
 class GatedAdamW(AdamW):
@@ -70,11 +85,13 @@ class GatedAdamW(AdamW):
     c2 = 1 - beta2^t, lr' = lr * sqrt(c2) / c1, eps' = eps * sqrt(c2), decay' = decay * c1 / sqrt(c2)
     give w - lr' * (m / (sqrt(v) + eps') + decay' * w), which is torch's
     w * (1 - lr * decay) - lr / c1 * m / (sqrt(v / c2) + eps). A gated-off step runs the kernel with
-    lr' = 0 and both betas 1, which leaves w, m and v exactly as they were.
+    lr' = 0 and both betas 1, which leaves w, m and v exactly as they were. `grad_factor` scales
+    every gradient first (the branch-free step's unscaling and clipping).
     """
 
-    def construct(self, gradients, apply=True):
+    def construct(self, gradients, apply=True, grad_factor=1.0):
         apply = ops.logical_and(ms.Tensor(True), apply)  # a bool Tensor whether given a constant or not
+        grad_factor = ops.cast(grad_factor, ms.float32).reshape(())
         beta1, beta2 = self.beta1.reshape(()), self.beta2.reshape(())
         step = (self.global_step + 1).astype(ms.float32).reshape(())
         correction1 = 1.0 - ops.pow(beta1, step)
@@ -85,6 +102,7 @@ class GatedAdamW(AdamW):
             F.partial(
                 _fused_adamw,
                 apply,
+                grad_factor,
                 lr,
                 ops.select(apply, beta1, one),
                 ops.select(apply, beta2, one),
@@ -122,18 +140,33 @@ class DiffusionTrainStep(TrainStep):
 
 class BranchFreeTrainStep(DiffusionTrainStep):
     """The same step without accumulation and without control flow: a step whose gradients are
-    not finite runs the optimizer with its writes gated off."""
+    not finite runs the optimizer with its writes gated off.
+
+    Gradients count as not finite when the sum of their squares is not: a NaN or inf anywhere,
+    or loss-scaled gradients so large that the sum overflows fp32 (for fp16 training that is an
+    overflow the loss scaler should back off from anyway). Clipping is MindSpore's
+    clip_by_global_norm on the unscaled gradients: g * max_norm / max(norm, max_norm).
+    """
 
     branch_free = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_grad_norm = self.grad_clipper.max_grad_norm  # None: no clipping
+        self.square_sums = C.HyperMap()
 
     def construct(self, *inputs):
         outputs, grads = self.forward_and_backward(*inputs)
         grads = self.grad_accumulator.grad_reducer(grads)  # data-parallel mean; identity on one card
-        grads = self.grad_scaler.unscale(grads)
-        grads = self.grad_clipper.clip_grad_norm(grads)
-        finite = all_finite(grads)
+        squared_norm = ops.addn(self.square_sums(_square_sum, grads))  # of the loss-scaled gradients
+        finite = ops.isfinite(squared_norm)
+        scale = self.grad_scaler.loss_scaler.scale_value.astype(ms.float32).reshape(())
+        grad_factor = 1.0 / scale
+        if self.max_grad_norm is not None:
+            norm = ops.sqrt(squared_norm) / scale
+            grad_factor = grad_factor * self.max_grad_norm / ops.maximum(norm, self.max_grad_norm)
         ops.assign(self.grad_scaler.all_finite, finite)
-        outputs = ops.depend(outputs, self.optimizer(grads, finite))
+        outputs = ops.depend(outputs, self.optimizer(grads, finite, grad_factor))
         outputs = ops.depend(outputs, self.grad_scaler.loss_scaler.adjust(finite))
         return (self.unscale_loss(outputs[0]),) + outputs[1:]
 
