@@ -1,16 +1,16 @@
 """One jitted training step: forward, backward over the trainable weights only, optimizer update.
 
-mindone's TrainStep supplies the data-parallel gradient reducer, global norm clipping, loss
-scaling and gradient accumulation. Without accumulation the step here runs branch-free: a step
+mindone's TrainStep supplies the data-parallel gradient reducer, loss scaling, global norm
+clipping and gradient accumulation. Without accumulation the step here runs branch-free: a step
 whose gradients are not finite is skipped by gating the optimizer's writes rather than by an
 `if`, so the compiled graph has no control flow and MindSpore's compile cache can store it
 (see compile_cache.py). With accumulation mindone's own step (with its branches) runs.
 
 The branch-free step also handles the gradients in one pass: a single sum of squares gives the
 global norm and the finiteness check, unscaling and clipping become one scalar factor, and the
-optimizer applies that factor inside its per-weight update. Per weight the graph then holds a
-handful of nodes instead of a dozen (compile time), and no clipped or unscaled copy of the
-gradients is ever materialised (memory).
+optimizer applies that factor inside its per-weight update (clipping done here, not by
+mindone's clipper). Per weight the graph then holds a handful of nodes for the whole update
+(compile time), and no clipped or unscaled copy of the gradients is ever written (memory).
 """
 from typing import List, Optional
 
