@@ -5,7 +5,6 @@ build_train_step) from identical weights and inputs, once as mindone builds it a
 optimisation (`apply_fast_layers`, `share_repeated_blocks`); loss trajectories and the trained
 weights must agree to fp32 rounding.
 """
-
 import numpy as np
 import pytest
 import mindspore as ms

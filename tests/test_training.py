@@ -119,6 +119,16 @@ def test_resumed_run_reaches_the_same_weights(tiny_model_dir, photos_dir, tmp_pa
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7)
 
 
+def torch_adamw_step(weights, avg, avg_sq, grads, lr, step, betas, eps, decay):
+    """torch.optim.AdamW's update number `step` of every weight, in float64, in place."""
+    beta1, beta2 = betas
+    for i, g in enumerate(grads):
+        avg[i] = beta1 * avg[i] + (1 - beta1) * g
+        avg_sq[i] = beta2 * avg_sq[i] + (1 - beta2) * g * g
+        weights[i] = weights[i] * (1 - lr * decay) - lr / (1 - beta1 ** step) * avg[i] / (
+            np.sqrt(avg_sq[i] / (1 - beta2 ** step)) + eps)
+
+
 def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
     from mindscedit.training.step import make_optimizer
 
@@ -142,12 +152,8 @@ def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
             assert all(np.array_equal(a, b) for a, b in zip(before, after))
             assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == applied
             continue
-        lr, applied = lrs[applied], applied + 1  # torch.optim.AdamW, in float64
-        for i, g in enumerate(grads):
-            avg[i] = beta1 * avg[i] + (1 - beta1) * g
-            avg_sq[i] = beta2 * avg_sq[i] + (1 - beta2) * g * g
-            weights[i] = weights[i] * (1 - lr * decay) - lr / (1 - beta1 ** applied) * avg[i] / (
-                np.sqrt(avg_sq[i] / (1 - beta2 ** applied)) + eps)
+        lr, applied = lrs[applied], applied + 1
+        torch_adamw_step(weights, avg, avg_sq, grads, lr, applied, (beta1, beta2), eps, decay)
         for p, w in zip(params, weights):
             np.testing.assert_allclose(p.asnumpy(), w, rtol=1e-5, atol=1e-6)
 
@@ -183,14 +189,10 @@ def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_prec
             grads = [g * scale / norm for g in grads]
         step(*(ms.Tensor(g.astype(np.float32)) for g in grads))
         assert bool(step.grad_scaler.all_finite.asnumpy()) == (scale is not None)
-        if scale is not None:  # torch.optim.AdamW on clip_by_global_norm's gradients, in float64
+        if scale is not None:  # AdamW on clip_by_global_norm's gradients
             applied += 1
             clipped = [g * max_norm / max(scale, max_norm) for g in grads]
-            for i, g in enumerate(clipped):
-                avg[i] = beta1 * avg[i] + (1 - beta1) * g
-                avg_sq[i] = beta2 * avg_sq[i] + (1 - beta2) * g * g
-                weights[i] = weights[i] * (1 - lr * decay) - lr / (1 - beta1 ** applied) * avg[i] / (
-                    np.sqrt(avg_sq[i] / (1 - beta2 ** applied)) + eps)
+            torch_adamw_step(weights, avg, avg_sq, clipped, lr, applied, (beta1, beta2), eps, decay)
         for p, w in zip((net.w, net.b), weights):
             np.testing.assert_allclose(p.asnumpy(), w, rtol=1e-5, atol=1e-6)
 
