@@ -84,6 +84,15 @@ def peak_memory_mib(device_target: str):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"  # ru_maxrss is KiB on Linux
 
 
+def resident_mib() -> Optional[float]:
+    """This process's RSS now (Linux), to split the peak into framework + models, compile and steps."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError):
+        return None
+
+
 def run_case(case: BenchCase) -> dict:
     """Build, compile and time one (method, batch) in this process."""
     import numpy as np
@@ -141,14 +150,16 @@ def run_case(case: BenchCase) -> dict:
     ]
     if case.method in CONTROL_METHODS:  # a condition image at full resolution
         condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
-    times, cache = [], None
+    times, cache, rss_phases = [], None, {}
     settings = {k: v for k, v in asdict(case).items() if k not in ("steps", "warmup", "seed", "compile_cache_dir")}
     for _ in range(total_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
         step_inputs = (*inputs, timesteps) + ((condition,) if case.method in CONTROL_METHODS else ())
         if cache is None:  # the first step's time includes this compile, as in training
+            rss_phases["rss_before_compile_mib"] = resident_mib()
             cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir, settings)
+            rss_phases["rss_after_compile_mib"] = resident_mib()
         loss = float(train_step(*step_inputs)[1].asnumpy())  # asnumpy waits for the step to finish
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[1 + case.warmup:])
@@ -170,6 +181,7 @@ def run_case(case: BenchCase) -> dict:
         trainable_pct=100.0 * num_trainable / total,
         peak_memory_mib=round(memory, 1),
         memory_kind=memory_kind,
+        **rss_phases,  # host RSS before and after compiling (the rest of the peak is the steps')
         compile_s=round(times[0], 3),
         compile_cache=cache,
         s_per_step=seconds,

@@ -85,6 +85,13 @@ for ms_name, pt_name in (("vanilla", "full"), ("lora", "lora"), ("scedit", "sced
         cells += [f"{t[0]:.3f}, {t[1]:.0f}", f"{w['s_per_step'] / t[0]:.2f}, "
                   f"{c['peak_memory_mib'] / t[1]:.2f} / {w['peak_memory_mib'] / t[1]:.2f}"] if t else ["-", "-"]
     print("| " + " | ".join(cells) + " |")
+print("\nMindSpore peak RSS split (MiB): framework + models before compiling / what compiling adds / what the steps add")
+for name in ("vanilla", "lora", "scedit"):
+    parts = []
+    for phase, r in (("cold", cold[name]), ("warm", warm[name])):
+        before, after = r["rss_before_compile_mib"], r["rss_after_compile_mib"]
+        parts.append(f"{phase} {before:.0f} / +{after - before:.0f} / +{r['peak_memory_mib'] - after:.0f}")
+    print(f"  {name}: " + "; ".join(parts))
 s, l, v = warm["scedit"], warm["lora"], warm["vanilla"]
 print(f"\nMindSpore SCEdit / LoRA: s/step {s['s_per_step'] / l['s_per_step']:.2f}, "
       f"peak RSS {s['peak_memory_mib'] / l['peak_memory_mib']:.2f}; "

@@ -5,6 +5,8 @@ build_train_step) from identical weights and inputs, once as mindone builds it a
 optimisation (`apply_fast_layers`, `share_repeated_blocks`); loss trajectories and the trained
 weights must agree to fp32 rounding.
 """
+import math
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -12,7 +14,7 @@ import mindspore as ms
 from mindscedit.config import TrainConfig
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
-from mindscedit.models.fast_layers import AttentionCore, CoreAttnProcessor, apply_fast_layers
+from mindscedit.models.fast_layers import AttentionCore, CoreAttnProcessor, ExactGELU, apply_fast_layers
 from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
 from mindscedit.training.methods import freeze_all_but, get_method
 from mindscedit.training.network import LatentTrainNet
@@ -110,17 +112,39 @@ def test_optimisations_leave_the_loss_trajectory_and_trained_weights_unchanged(b
     assert np.linalg.norm(fast_update - update) < 0.02 * np.linalg.norm(update)
 
 
-def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention(base_weights):
+def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention_and_geglu(base_weights):
     unet = fresh_unet(base_weights)
     keys = [name for name, _ in unet.parameters_and_names()]
+    from mindone.diffusers.models.activations import GEGLU
     from mindone.diffusers.models.attention_processor import Attention
 
     attentions = [c for _, c in unet.cells_and_names() if isinstance(c, Attention)]
-    assert apply_fast_layers(unet) == len(attentions) > 0
+    gated = [c for _, c in unet.cells_and_names() if isinstance(c, GEGLU)]
+    assert apply_fast_layers(unet) == len(attentions) + len(gated) and attentions and gated
     assert [name for name, _ in unet.parameters_and_names()] == keys
     assert all(isinstance(a.processor, CoreAttnProcessor) and isinstance(a.attention_core, AttentionCore)
                for a in attentions)
+    assert all(isinstance(g.gelu, ExactGELU) for g in gated)
     assert apply_fast_layers(unet) == 0  # idempotent
+
+
+def test_exact_gelu_and_its_hand_written_backward_match_the_erf_formula():
+    x = np.linspace(-6, 6, 241, dtype=np.float32).reshape(1, -1)
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    pdf = np.exp(-0.5 * x64 ** 2) / math.sqrt(2 * math.pi)
+    d_out = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    gelu = ExactGELU()
+    out = gelu(ms.Tensor(x)).asnumpy()
+
+    def loss(a):
+        return (gelu(a) * ms.Tensor(d_out)).sum()
+
+    grad = ms.jit(ms.grad(loss))(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(out, x64 * cdf, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, d_out * (cdf + x64 * pdf), rtol=1e-5, atol=1e-6)
+    # and it is what mindone's GEGLU computed before
+    np.testing.assert_allclose(out, ms.ops.gelu(ms.Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_repeated_blocks_share_a_graph_only_when_equal_but_for_their_weights(base_weights):

@@ -13,12 +13,34 @@ blocks of (batch * heads) slices with a hand-written backward that keeps only Q,
 output, recomputes one block's probabilities at a time and expands the row term explicitly.
 The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q/to_k/to_v/to_out
 are unchanged. Where mindone has a fused flash attention (Ascend) the layers are left alone.
+
+The same index cost hits the feed-forward's exact (erf) GELU: MindSpore composes it from
+products with 0-d tensors, ~40 bytes per element kept for forward and backward, 40 MiB per
+GEGLU at the first level. On CPU the GEGLUs get an `ExactGELU` with scalar constants and a
+hand-written backward instead.
 """
+import math
 import os
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindone.diffusers.models.activations import GEGLU
 from mindone.diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+SQRT_HALF = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class ExactGELU(nn.Cell):
+    """x * Phi(x), Phi the standard normal CDF (torch's default GELU), backward Phi(x) + x * phi(x)."""
+
+    def construct(self, x):
+        return x * (0.5 + 0.5 * ops.erf(x * SQRT_HALF))
+
+    def bprop(self, x, out, dout):
+        cdf = 0.5 + 0.5 * ops.erf(x * SQRT_HALF)
+        pdf = ops.exp(x * x * -0.5) * INV_SQRT_2PI
+        return (dout * (cdf + x * pdf),)
 
 
 class HeadsAttention(nn.Cell):
@@ -26,6 +48,7 @@ class HeadsAttention(nn.Cell):
 
     Backward keeps only Q, K, V and the output, recomputes the probabilities P, and forms
     dS = P * (dP - rowsum(dO * O)) with the row term expanded explicitly (why: module docstring).
+    `after` (the previous block's output) chains the blocks of one layer, see AttentionCore.
     """
 
     def __init__(self, scale: float):
@@ -39,10 +62,10 @@ class HeadsAttention(nn.Cell):
     def probs(self, query, key):
         return self.softmax(self.scores(query * self.scale, key))
 
-    def construct(self, query, key, value):
-        return self.mix(self.probs(query, key), value)
+    def construct(self, query, key, value, after):
+        return self.mix(self.probs(ops.depend(query, after), key), value)
 
-    def bprop(self, query, key, value, out, dout):
+    def bprop(self, query, key, value, after, out, dout):
         # depend() orders the recomputation after dout exists and keeps the graph optimiser
         # from merging it with the forward's P (which would keep P alive until backward).
         probs = self.probs(ops.depend(query, dout), key)
@@ -52,15 +75,19 @@ class HeadsAttention(nn.Cell):
         d_scores = probs * (d_probs - ops.broadcast_to(row, d_probs.shape))
         d_query = self.mix(d_scores, key) * self.scale
         d_key = self.mix_t(d_scores, query) * self.scale
-        return d_query, d_key, d_value
+        # `after` gets a zero gradient that exists only once this block's gradients do; it is
+        # part of the previous block's dout, so that block's backward waits for this one.
+        d_after = ops.depend(ops.depend(ops.zeros_like(after), d_query), d_key)
+        return d_query, d_key, d_value, d_after
 
 
 class AttentionCore(nn.Cell):
     """Attention over [batch, heads, tokens, head_dim] in blocks of (batch * heads) slices.
 
-    Each block's score matrix has at most `block_elements` entries, so forward and backward
-    hold one block's scores at a time instead of all of them (PyTorch's CPU attention also
-    works in blocks).
+    Each block's score matrix has at most `block_elements` entries, and the blocks run one
+    after another, forward and backward (the graph runtime would otherwise start independent
+    blocks together), so at most one block's scores exist at a time (PyTorch's CPU attention
+    also works in blocks). All full blocks share one graph.
     """
 
     def __init__(self, scale: float, block_elements: int = 1 << 23):
@@ -77,11 +104,12 @@ class AttentionCore(nn.Cell):
         value = value.reshape(slices, context, head_dim)
         step = max(1, self.block_elements // (tokens * context))
         if step >= slices:
-            out = self.attend(query, key, value)
+            out = self.attend(query, key, value, query)
         else:
             blocks = ()
             for i in range(0, slices, step):
-                blocks = blocks + (self.attend(query[i:i + step], key[i:i + step], value[i:i + step]),)
+                after = blocks[-1] if blocks else query[:step]
+                blocks = blocks + (self.attend(query[i:i + step], key[i:i + step], value[i:i + step], after),)
             out = ops.cat(blocks, 0)
         return out.reshape(batch, heads, tokens, head_dim)
 
@@ -123,8 +151,9 @@ def uses_fused_attention(attn: Attention) -> bool:
 
 
 def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
-    """Swap in the fast attention where mindone has no fused kernel; returns how many layers changed.
+    """Swap in the fast attention where mindone has no fused kernel, and on CPU the GEGLUs' GELU.
 
+    Returns how many layers changed.
     MINDSCEDIT_FAST_LAYERS=0 in the environment leaves mindone's layers as they are (for A/B runs).
     """
     if os.environ.get("MINDSCEDIT_FAST_LAYERS", "1") == "0":
@@ -134,5 +163,10 @@ def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
         if isinstance(cell, Attention) and type(cell.processor) is AttnProcessor2_0 and not uses_fused_attention(cell):
             cell.attention_core = AttentionCore(cell.scale, block_elements)
             cell.set_processor(CoreAttnProcessor())
+            changed += 1
+        elif isinstance(cell, GEGLU) and ms.get_context("device_target") == "CPU" \
+                and not isinstance(cell.gelu, ExactGELU):
+            cell.exact_gelu = ExactGELU()
+            object.__setattr__(cell, "gelu", cell.exact_gelu)  # shadows GEGLU's gelu() method
             changed += 1
     return changed
