@@ -14,12 +14,9 @@ output, recomputes one block's probabilities at a time and expands the row term 
 The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q/to_k/to_v/to_out
 are unchanged. Where mindone has a fused flash attention (Ascend) the layers are left alone.
 
-The same index cost hits the feed-forward's exact (erf) GELU: MindSpore composes it from
-products with 0-d tensors, ~40 bytes per element kept for forward and backward, 40 MiB per
-GEGLU at the first level. On CPU the GEGLUs get an `ExactGELU` with scalar constants and a
-hand-written backward instead.
+The same index cost hits the feed-forward's exact (erf) GELU, 40 MiB per GEGLU at the first
+level: on CPU the GEGLUs get an `ExactGELU` (mindscedit.layers) instead.
 """
-import math
 import os
 
 import mindspore as ms
@@ -27,20 +24,7 @@ from mindspore import nn, ops
 from mindone.diffusers.models.activations import GEGLU
 from mindone.diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-SQRT_HALF = math.sqrt(0.5)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-class ExactGELU(nn.Cell):
-    """x * Phi(x), Phi the standard normal CDF (torch's default GELU), backward Phi(x) + x * phi(x)."""
-
-    def construct(self, x):
-        return x * (0.5 + 0.5 * ops.erf(x * SQRT_HALF))
-
-    def bprop(self, x, out, dout):
-        cdf = 0.5 + 0.5 * ops.erf(x * SQRT_HALF)
-        pdf = ops.exp(x * x * -0.5) * INV_SQRT_2PI
-        return (dout * (cdf + x * pdf),)
+from ..layers import ExactGELU
 
 
 class HeadsAttention(nn.Cell):

@@ -5,6 +5,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Uniform
 
+from ...layers import ExactGELU
+
 
 class SCEAdapter(nn.Cell):
     """y = ln2(GELU(ln1(x))) per pixel (channels last); returns only the residual y.
@@ -19,7 +21,7 @@ class SCEAdapter(nn.Cell):
             raise ValueError(f"down_ratio {down_ratio} leaves no hidden units for a {dim}-channel skip")
         bound = 1.0 / math.sqrt(dim)
         self.ln1 = nn.Dense(dim, hidden, weight_init=HeUniform(math.sqrt(5)), bias_init=Uniform(bound))
-        self.activate = nn.GELU(approximate=False)
+        self.activate = ExactGELU()  # nn.GELU(approximate=False)'s formula, lighter on CPU
         self.ln2 = nn.Dense(hidden, dim, weight_init="zeros", bias_init="zeros")
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
