@@ -13,7 +13,8 @@ from mindscedit.tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGET
 FIELDS = {
     "method", "batch_size", "model", "resolution", "latent_size", "device", "jit_level", "mixed_precision",
     "lora_rank", "lora_targets", "dense_hint_kernel", "trainable_params", "unet_params", "trainable_pct", "peak_memory_mib",
-    "memory_kind", "rss_before_compile_mib", "rss_after_compile_mib", "compile_s", "compile_cache", "s_per_step", "img_per_s", "timed_steps", "loss",
+    "memory_kind", "rss_before_compile_mib", "rss_after_compile_mib", "compile_s", "compile_cache", "s_per_step",
+    "img_per_s", "timed_steps", "loss",
 }
 LORA_RANK = 4
 LATENT_FACTOR = 2 ** (len(TINY_VAE["block_out_channels"]) - 1)  # the tiny pipeline's VAE downscale

@@ -12,9 +12,9 @@ import pytest
 import mindspore as ms
 
 from mindscedit.config import TrainConfig
+from mindscedit.layers import ExactGELU
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
-from mindscedit.layers import ExactGELU
 from mindscedit.models.fast_layers import AttentionCore, CoreAttnProcessor, apply_fast_layers
 from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
 from mindscedit.training.methods import freeze_all_but, get_method
