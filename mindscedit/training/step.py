@@ -154,6 +154,14 @@ class BranchFreeTrainStep(DiffusionTrainStep):
         super().__init__(*args, **kwargs)
         self.max_grad_norm = self.grad_clipper.max_grad_norm  # None: no clipping
         self.square_sums = C.HyperMap()
+        # mindone keeps the loss scaler's state and the finiteness flag on plain objects, outside
+        # the cell tree. A graph loaded from the compile cache binds only the cell's own
+        # parameters and gives the others fresh, uninitialised memory: a garbage loss scale then
+        # silently skips steps and `all_finite` never reaches Python. As attributes they are bound.
+        scaler = self.grad_scaler.loss_scaler
+        self.loss_scale_value, self.all_finite = scaler.scale_value, self.grad_scaler.all_finite
+        if isinstance(scaler, DynamicLossScaler):
+            self.loss_scale_counter = scaler.counter
 
     def construct(self, *inputs):
         outputs, grads = self.forward_and_backward(*inputs)
