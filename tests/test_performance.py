@@ -10,12 +10,13 @@ import math
 import numpy as np
 import pytest
 import mindspore as ms
+from mindone.diffusers.models.resnet import ResnetBlock2D
 
 from mindscedit.config import TrainConfig
 from mindscedit.layers import ExactGELU
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
-from mindscedit.models.fast_layers import AttentionCore, CoreAttnProcessor, apply_fast_layers
+from mindscedit.models.fast_layers import AttentionCore, BiasAddResnetBlock2D, CoreAttnProcessor, apply_fast_layers
 from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
 from mindscedit.training.methods import freeze_all_but, get_method
 from mindscedit.training.network import LatentTrainNet
@@ -121,12 +122,45 @@ def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention_and_
 
     attentions = [c for _, c in unet.cells_and_names() if isinstance(c, Attention)]
     gated = [c for _, c in unet.cells_and_names() if isinstance(c, GEGLU)]
-    assert apply_fast_layers(unet) == len(attentions) + len(gated) and attentions and gated
+    resnets = [c for _, c in unet.cells_and_names() if isinstance(c, ResnetBlock2D)]
+    assert apply_fast_layers(unet) == len(attentions) + len(gated) + len(resnets) and attentions and gated and resnets
     assert [name for name, _ in unet.parameters_and_names()] == keys
     assert all(isinstance(a.processor, CoreAttnProcessor) and isinstance(a.attention_core, AttentionCore)
                for a in attentions)
     assert all(isinstance(g.gelu, ExactGELU) for g in gated)
+    assert all(type(r) is BiasAddResnetBlock2D for r in resnets)
     assert apply_fast_layers(unet) == 0  # idempotent
+
+
+class SquaredOutput(ms.nn.Cell):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def construct(self, *inputs):
+        return (self.block(*inputs) ** 2).sum()
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_bias_add_resnet_block_matches_mindones_forward_and_gradients(up):
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((3, 8, 6, 6), dtype=np.float32))
+    temb = ms.Tensor(rng.standard_normal((3, 12), dtype=np.float32))
+    weights = None
+    results = []
+    for fast in (False, True):
+        block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, up=up)
+        if fast:
+            block.__class__ = BiasAddResnetBlock2D
+        weights = weights or {n: rng.normal(0, 0.3, p.shape).astype(np.float32)  # non-trivial norms, biases
+                              for n, p in block.parameters_and_names()}
+        for name, p in block.parameters_and_names():
+            p.set_data(ms.Tensor(weights[name]))
+        value, (input_grads, weight_grads) = ms.value_and_grad(
+            SquaredOutput(block), grad_position=(0, 1), weights=block.trainable_params())(x, temb)
+        results.append([value, *input_grads, *weight_grads])
+    for got, want in zip(*reversed(results)):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_exact_gelu_and_its_hand_written_backward_match_the_erf_formula():
