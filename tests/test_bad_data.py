@@ -60,6 +60,7 @@ def write_dataset(folder: Path, photos, bad_row: dict, bad_image: bytes = None) 
 
 
 def check_data(capsys, *args):
+    capsys.readouterr()  # drop what fixtures printed (a library's import-time notice)
     code = main(["check-data", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()

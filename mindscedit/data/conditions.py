@@ -8,12 +8,16 @@ segmentation) come from the dataset instead, transformed with the target's crop 
 from dataclasses import dataclass, field
 from typing import Callable, Dict
 
-import cv2
 import numpy as np
+
+# OpenCV is imported where an annotator runs: its ~25 MiB stay out of every process that
+# computes no condition (most training runs, sampling, the benchmark).
 
 
 def canny(image: np.ndarray, rng=None, low_threshold: int = 100, high_threshold: int = 200) -> np.ndarray:
     """White edges on black (OpenCV's Canny on the grayscale image)."""
+    import cv2
+
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     edges = cv2.Canny(gray, low_threshold, high_threshold)
     return np.repeat(edges[:, :, None], 3, axis=2)
@@ -21,12 +25,16 @@ def canny(image: np.ndarray, rng=None, low_threshold: int = 100, high_threshold:
 
 def color(image: np.ndarray, rng=None, cell: int = 64) -> np.ndarray:
     """A coarse colour layout: shrink by `cell` (area average), blow back up (nearest)."""
+    import cv2
+
     h, w = image.shape[:2]
     small = cv2.resize(image, (max(1, w // cell), max(1, h // cell)), interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
 def grayscale(image: np.ndarray, rng=None) -> np.ndarray:
+    import cv2
+
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     return np.repeat(gray[:, :, None], 3, axis=2)
 
