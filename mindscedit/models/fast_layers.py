@@ -174,19 +174,19 @@ def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
     """
     if os.environ.get("MINDSCEDIT_FAST_LAYERS", "1") == "0":
         return 0
+    on_cpu = ms.get_context("device_target") == "CPU"
     changed = 0
     for _, cell in unet.cells_and_names():
         if isinstance(cell, Attention) and type(cell.processor) is AttnProcessor2_0 and not uses_fused_attention(cell):
             cell.attention_core = AttentionCore(cell.scale, block_elements)
             cell.set_processor(CoreAttnProcessor())
             changed += 1
-        elif isinstance(cell, GEGLU) and ms.get_context("device_target") == "CPU" \
-                and not isinstance(cell.gelu, ExactGELU):
+        elif on_cpu and isinstance(cell, GEGLU) and not isinstance(cell.gelu, ExactGELU):
             cell.exact_gelu = ExactGELU()
             object.__setattr__(cell, "gelu", cell.exact_gelu)  # shadows GEGLU's gelu() method
             changed += 1
-        elif type(cell) is ResnetBlock2D and ms.get_context("device_target") == "CPU" \
-                and cell.time_embedding_norm == "default" and cell.time_emb_proj is not None:
+        elif on_cpu and type(cell) is ResnetBlock2D and cell.time_embedding_norm == "default" \
+                and cell.time_emb_proj is not None:
             cell.__class__ = BiasAddResnetBlock2D  # same attributes and weights, another construct
             changed += 1
     return changed

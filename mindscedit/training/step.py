@@ -156,8 +156,9 @@ class BranchFreeTrainStep(DiffusionTrainStep):
         self.square_sums = C.HyperMap()
         # mindone keeps the loss scaler's state and the finiteness flag on plain objects, outside
         # the cell tree. A graph loaded from the compile cache binds only the cell's own
-        # parameters and gives the others fresh, uninitialised memory: a garbage loss scale then
-        # silently skips steps and `all_finite` never reaches Python. As attributes they are bound.
+        # parameters; the others get memory that is not the Python parameter's: a garbage loss
+        # scale then silently skips steps and `all_finite` never reaches Python. As attributes
+        # they are bound.
         scaler = self.grad_scaler.loss_scaler
         self.loss_scale_value, self.all_finite = scaler.scale_value, self.grad_scaler.all_finite
         if isinstance(scaler, DynamicLossScaler):
