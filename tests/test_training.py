@@ -219,14 +219,21 @@ def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_ident
         losses = [json.loads(line)["loss"] for line in open(out / "logs.jsonl")]
         return proc.stdout, losses, load_file(str(out / "adapter_model.safetensors"))
 
+    # The first launch compiles, saves and (on CPU) reloads its step; the second loads it; a
+    # launch without the cache keeps the step it compiled. All three train the same.
     first_out, first_losses, first_weights = run("first")
     second_out, second_losses, second_weights = run("second")
     assert "saved to the compile cache" in first_out and "from the compile cache" in second_out
-    assert len(os.listdir(tmp_path / "cache")) == 1
+    (entry,) = os.listdir(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path / "cache" / entry / "rank_0" / "graph_cache")) == [
+        "compile_cache_0.mindir", "compile_dependency.hash"]  # the reload's copy is gone
+    uncached_out, uncached_losses, uncached_weights = run("uncached", "--compile_cache_dir", "")
+    assert "compile cache" not in uncached_out
     assert len(first_losses) == 3
-    np.testing.assert_allclose(second_losses, first_losses, rtol=1e-5)
-    assert second_weights.keys() == first_weights.keys()
-    for name, value in first_weights.items():
-        np.testing.assert_allclose(second_weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    for losses, weights in ((first_losses, first_weights), (second_losses, second_weights)):
+        np.testing.assert_allclose(losses, uncached_losses, rtol=1e-5)
+        assert weights.keys() == uncached_weights.keys()
+        for name, value in uncached_weights.items():
+            np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     other_out, _, _ = run("other", "--down_ratio", "0.5")  # another graph: its own cache entry
     assert "saved to the compile cache" in other_out and len(os.listdir(tmp_path / "cache")) == 2
