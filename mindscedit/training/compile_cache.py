@@ -11,15 +11,16 @@ given, and switching the cache on after other graphs were compiled in the proces
 compiles. So the cache serves only processes that ask for it before compiling anything (the
 `train` and `bench` commands call `allow_in_this_process()` first), and only their first train
 step: the folder then holds exactly one graph, number 0, the step. A damaged entry is
-recompiled by MindSpore.
-
-A compile keeps the front end's graphs alive for as long as the compiled step lives (0.4-0.6
-GiB of host memory on the mid-size UNet) while a step loaded from the cache holds only what
-runs. So on CPU a first launch, once it has saved the step, drops it and loads it straight
-back (a few seconds): it then runs in about the memory of a repeated launch. On Ascend the
-dropped step's device state is not known to survive that, so there the step stays as compiled. Graphs with control flow do not reload on MindSpore 2.10, which is
+recompiled by MindSpore. Graphs with control flow do not reload on MindSpore 2.10, which is
 why the step is branch-free (see step.py); steps with gradient accumulation are compiled
 without the cache.
+
+A compiled step keeps the front end's graphs alive for as long as it lives (about 0.6 GiB of
+host memory on the mid-size UNet) while a step loaded from the cache holds only what runs. So
+on CPU a first launch, once it has saved the step, drops it and loads it straight back (as long
+as a repeated launch's load): it then runs in about the memory of a repeated launch. On Ascend
+the dropped step's device state is not known to survive that, so there the step stays as
+compiled.
 """
 import contextlib
 import ctypes
