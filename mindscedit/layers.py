@@ -23,3 +23,44 @@ class ExactGELU(nn.Cell):
         cdf = 0.5 + 0.5 * ops.erf(x * SQRT_HALF)
         pdf = ops.exp(x * x * -0.5) * INV_SQRT_2PI
         return (dout * (cdf + x * pdf),)
+
+
+# Moving between the image layout [batch, channels, pixels] and tokens [batch, pixels, channels]
+# by transposing costs on CPU: MindSpore's Transpose kernel keeps 8 bytes of index per element
+# for as long as the graph lives. A Dense layer next to the move can take it over instead, by
+# multiplying with transposed operands; the only data moved is whole [channels, pixels] blocks,
+# batch by batch (unstack / stack, which keep nothing).
+_COLUMNS_TIMES_WEIGHT_T = ops.MatMul(transpose_a=True, transpose_b=True)  # A^T W^T
+_WEIGHT_TIMES_ROWS_T = ops.MatMul(transpose_b=True)                     # W A^T
+
+
+def swap_leading_axes(x):
+    """[a, b, n] -> [b, a, n], unstacking along the shorter of the two axes."""
+    a, b, n = x.shape
+    if a == 1 or b == 1:
+        return x.reshape(b, a, n)
+    if a <= b:
+        return ops.stack(ops.unstack(x, axis=0), axis=1)
+    return ops.stack(ops.unstack(x, axis=1), axis=0)
+
+
+def dense_to_tokens(x, weight, bias=None):
+    """A Dense layer (weight [out, channels]) on every pixel of x [batch, channels, pixels]:
+    returns tokens [batch, pixels, out]."""
+    batch, channels, pixels = x.shape
+    columns = swap_leading_axes(x).reshape(channels, batch * pixels)
+    tokens = _COLUMNS_TIMES_WEIGHT_T(columns, weight)
+    if bias is not None:
+        tokens = ops.bias_add(tokens, bias)
+    return tokens.reshape(batch, pixels, weight.shape[0])
+
+
+def dense_to_image(tokens, weight, bias=None):
+    """A Dense layer (weight [out, channels]) on tokens [batch, pixels, channels]: returns the
+    image layout [batch, out, pixels]."""
+    batch, pixels, channels = tokens.shape
+    out = _WEIGHT_TIMES_ROWS_T(weight, tokens.reshape(batch * pixels, channels))
+    out = swap_leading_axes(out.reshape(weight.shape[0], batch, pixels))
+    if bias is not None:
+        out = ops.bias_add(out, bias)  # along axis 1, the channels
+    return out

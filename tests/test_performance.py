@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import mindspore as ms
 from mindone.diffusers.models.resnet import ResnetBlock2D
+from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from mindscedit.config import TrainConfig
-from mindscedit.layers import ExactGELU
+from mindscedit.layers import ExactGELU, dense_to_image, dense_to_tokens, swap_leading_axes
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
-from mindscedit.models.fast_layers import AttentionCore, BiasAddResnetBlock2D, CoreAttnProcessor, apply_fast_layers
+from mindscedit.models.fast_layers import (AttentionCore, BiasAddResnetBlock2D, CoreAttnProcessor,
+                                          TokenProjTransformer2DModel, apply_fast_layers, merge_heads, split_heads)
 from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
 from mindscedit.training.methods import freeze_all_but, get_method
 from mindscedit.training.network import LatentTrainNet
@@ -123,12 +125,15 @@ def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention_and_
     attentions = [c for _, c in unet.cells_and_names() if isinstance(c, Attention)]
     gated = [c for _, c in unet.cells_and_names() if isinstance(c, GEGLU)]
     resnets = [c for _, c in unet.cells_and_names() if isinstance(c, ResnetBlock2D)]
-    assert apply_fast_layers(unet) == len(attentions) + len(gated) + len(resnets) and attentions and gated and resnets
+    transformers = [c for _, c in unet.cells_and_names() if isinstance(c, Transformer2DModel)]
+    assert attentions and gated and resnets and transformers
+    assert apply_fast_layers(unet) == len(attentions) + len(gated) + len(resnets) + len(transformers)
     assert [name for name, _ in unet.parameters_and_names()] == keys
     assert all(isinstance(a.processor, CoreAttnProcessor) and isinstance(a.attention_core, AttentionCore)
                for a in attentions)
     assert all(isinstance(g.gelu, ExactGELU) for g in gated)
     assert all(type(r) is BiasAddResnetBlock2D for r in resnets)
+    assert all(type(t) is TokenProjTransformer2DModel for t in transformers)
     assert apply_fast_layers(unet) == 0  # idempotent
 
 
@@ -161,6 +166,72 @@ def test_bias_add_resnet_block_matches_mindones_forward_and_gradients(up):
         results.append([value, *input_grads, *weight_grads])
     for got, want in zip(*reversed(results)):
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+class TransformerOutput(ms.nn.Cell):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def construct(self, x, context):
+        return self.block(x, encoder_hidden_states=context, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("linear_projection, batch", [(False, 3), (True, 3), (False, 1)])
+def test_token_projection_transformer_matches_mindones_forward_and_gradients(linear_projection, batch):
+    rng = np.random.default_rng(1)
+    x = ms.Tensor(rng.standard_normal((batch, 8, 3, 5), dtype=np.float32))
+    context = ms.Tensor(rng.standard_normal((batch, 4, 6), dtype=np.float32))
+    weights = None
+    results = []
+    for fast in (False, True):
+        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, out_channels=8,
+                                   norm_num_groups=4, cross_attention_dim=6, use_linear_projection=linear_projection)
+        if fast:
+            assert apply_fast_layers(block) > 0 and type(block) is TokenProjTransformer2DModel
+        weights = weights or {n: rng.normal(0, 0.3, p.shape).astype(np.float32) for n, p in block.parameters_and_names()}
+        for name, p in block.parameters_and_names():
+            p.set_data(ms.Tensor(weights[name]))
+        value, (input_grads, weight_grads) = ms.value_and_grad(
+            SquaredOutput(TransformerOutput(block)), grad_position=(0, 1), weights=block.trainable_params())(x, context)
+        results.append([value, *input_grads, *weight_grads])
+    for got, want in zip(*reversed(results)):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (5, 3, 7), (1, 4, 2), (4, 1, 2)])
+def test_swap_leading_axes_and_head_moves_are_exact_transposes(shape):
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(swap_leading_axes(ms.Tensor(x)).asnumpy(), x.transpose(1, 0, 2))
+    tokens = x.reshape(shape[0], shape[1], -1, 1).repeat(4, -1).reshape(shape[0], shape[1], -1)  # heads * head_dim
+    heads = split_heads(ms.Tensor(tokens), shape[2])
+    expected = tokens.reshape(shape[0], shape[1], shape[2], -1).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(heads.asnumpy(), expected)
+    np.testing.assert_array_equal(merge_heads(heads).asnumpy(), tokens)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dense_between_image_layout_and_tokens_matches_numpy_with_gradients(batch):
+    rng = np.random.default_rng(3)
+    x, w_in, b_in, w_out, b_out = (rng.standard_normal(s).astype(np.float32)
+                                   for s in [(batch, 6, 10), (4, 6), (4,), (6, 4), (6,)])
+    d_image = rng.standard_normal((batch, 6, 10)).astype(np.float32)
+
+    def loss(x, w_in, b_in, w_out, b_out):
+        tokens = dense_to_tokens(x, w_in, b_in)
+        return (dense_to_image(tokens, w_out, b_out) * ms.Tensor(d_image)).sum(), tokens
+
+    (value, tokens), grads = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1, 2, 3, 4), has_aux=True))(
+        *map(ms.Tensor, (x, w_in, b_in, w_out, b_out)))
+    want_tokens = x.transpose(0, 2, 1) @ w_in.T + b_in
+    np.testing.assert_allclose(tokens.asnumpy(), want_tokens, rtol=1e-5, atol=1e-5)
+    image = (want_tokens @ w_out.T + b_out).transpose(0, 2, 1)
+    np.testing.assert_allclose(value.asnumpy(), (image * d_image).sum(), rtol=1e-5)
+    d_tokens = d_image.transpose(0, 2, 1) @ w_out  # [batch, pixels, 4]
+    want = [(d_tokens @ w_in).transpose(0, 2, 1), np.einsum("bpo,bcp->oc", d_tokens, x), d_tokens.sum((0, 1)),
+            np.einsum("bcp,bpi->ci", d_image, want_tokens), d_image.sum((0, 2))]
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got.asnumpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_exact_gelu_and_its_hand_written_backward_match_the_erf_formula():

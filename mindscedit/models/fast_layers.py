@@ -15,9 +15,14 @@ The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q
 are unchanged. Where mindone has a fused flash attention (Ascend) the layers are left alone.
 
 The same index cost hits the feed-forward's exact (erf) GELU, 40 MiB per GEGLU at the first
-level: on CPU the GEGLUs get an `ExactGELU` (mindscedit.layers) instead. And every ResnetBlock2D
+level: on CPU the GEGLUs get an `ExactGELU` (mindscedit.layers) instead. Every ResnetBlock2D
 adds its time embedding as a [batch, channels, 1, 1] broadcast: on CPU the blocks become
 `BiasAddResnetBlock2D`, which adds the same numbers as a bias over [1, batch * channels, h, w].
+Dividing by a 0-d tensor costs the same 16 bytes per element, so mindone's division of every
+block output by its output factor (1.0) is left out. And the CPU Transpose kernel keeps 8 bytes
+of index per element: the attention processor moves heads by unstack/stack, and on CPU each
+Transformer2DModel becomes a `TokenProjTransformer2DModel`, whose proj_in/proj_out multiply
+straight from the image layout to tokens and back.
 """
 import os
 
@@ -26,8 +31,9 @@ from mindspore import nn, ops
 from mindone.diffusers.models.activations import GEGLU
 from mindone.diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from mindone.diffusers.models.resnet import ResnetBlock2D
+from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from ..layers import ExactGELU
+from ..layers import ExactGELU, dense_to_image, dense_to_tokens
 
 
 class HeadsAttention(nn.Cell):
@@ -120,16 +126,36 @@ class CoreAttnProcessor(AttnProcessor2_0):
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).swapaxes(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).swapaxes(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).swapaxes(1, 2)
-        hidden_states = attn.attention_core(query, key, value)
-        hidden_states = hidden_states.swapaxes(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = attn.attention_core(split_heads(query, attn.heads), split_heads(key, attn.heads),
+                                            split_heads(value, attn.heads))
+        hidden_states = attn.to_out[1](attn.to_out[0](merge_heads(hidden_states)))
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return divide_unless_one(hidden_states, attn.rescale_output_factor)
+
+
+def split_heads(x, heads: int):
+    """[batch, tokens, heads * head_dim] -> [batch, heads, tokens, head_dim].
+
+    Done by unstack and stack, not by a transpose: MindSpore's CPU Transpose kernel keeps
+    8 bytes of index per element for as long as the graph lives; the pair keeps none and is no
+    slower.
+    """
+    batch, tokens, channels = x.shape
+    return ops.stack(ops.unstack(x.reshape(batch, tokens, heads, channels // heads), axis=2), axis=1)
+
+
+def merge_heads(x):
+    """[batch, heads, tokens, head_dim] -> [batch, tokens, heads * head_dim] (see split_heads)."""
+    return ops.cat(ops.unstack(x, axis=1), -1)
+
+
+def divide_unless_one(x, factor: float):
+    """x / factor, skipped for mindone's default factor 1.0: the CPU Div kernel keeps 16 bytes of
+    broadcast index per element for a 0-d divisor, and dividing by 1 changes nothing."""
+    if factor == 1.0:
+        return x
+    return x / factor
 
 
 class BiasAddResnetBlock2D(ResnetBlock2D):
@@ -157,7 +183,41 @@ class BiasAddResnetBlock2D(ResnetBlock2D):
         hidden_states = self.conv2(self.dropout(hidden_states))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + hidden_states) / self.output_scale_factor
+        return divide_unless_one(input_tensor + hidden_states, self.output_scale_factor)
+
+
+class TokenProjTransformer2DModel(Transformer2DModel):
+    """mindone's Transformer2DModel (image input) with proj_in and proj_out, 1x1 convolutions or
+    Dense layers, applied straight between the image layout and the tokens: the same products
+    without the permute next to each projection (mindscedit.layers says why). A projection
+    that has since been wrapped (a LoRA on a Dense proj_in) takes mindone's path."""
+
+    def _operate_on_continuous_inputs(self, hidden_states):
+        if not isinstance(self.proj_in, (nn.Dense, nn.Conv2d)):
+            return Transformer2DModel._operate_on_continuous_inputs(self, hidden_states)
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = self.norm(hidden_states).reshape(batch, channels, height * width)
+        weight = self.proj_in.weight.reshape(self.proj_in.weight.shape[0], channels)
+        tokens = dense_to_tokens(hidden_states, weight, self.proj_in.bias)
+        return tokens, weight.shape[0]
+
+    def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
+        if not isinstance(self.proj_out, (nn.Dense, nn.Conv2d)):
+            return Transformer2DModel._get_output_for_continuous_inputs(
+                self, hidden_states, residual, batch_size, height, width, inner_dim)
+        weight = self.proj_out.weight.reshape(self.proj_out.weight.shape[0], inner_dim)
+        image = dense_to_image(hidden_states, weight, self.proj_out.bias)
+        return image.reshape(batch_size, weight.shape[0], height, width) + residual
+
+
+def _is_pointwise(layer) -> bool:
+    """A layer dense_to_tokens / dense_to_image can stand in for: a plain Dense, or a 1x1
+    convolution with stride 1, no padding and one group."""
+    if type(layer) is nn.Dense:
+        return layer.activation is None
+    return type(layer) is nn.Conv2d and tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1) \
+        and layer.group == 1 and layer.data_format == "NCHW" and layer.pad_mode in ("valid", "pad", "same") \
+        and not any(layer.padding if isinstance(layer.padding, tuple) else (layer.padding,))
 
 
 def uses_fused_attention(attn: Attention) -> bool:
@@ -188,5 +248,9 @@ def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
         elif on_cpu and type(cell) is ResnetBlock2D and cell.time_embedding_norm == "default" \
                 and cell.time_emb_proj is not None:
             cell.__class__ = BiasAddResnetBlock2D  # same attributes and weights, another construct
+            changed += 1
+        elif on_cpu and type(cell) is Transformer2DModel and cell.is_input_continuous \
+                and _is_pointwise(cell.proj_in) and _is_pointwise(cell.proj_out):
+            cell.__class__ = TokenProjTransformer2DModel
             changed += 1
     return changed

@@ -5,11 +5,11 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Uniform
 
-from ...layers import ExactGELU
+from ...layers import ExactGELU, dense_to_image, dense_to_tokens
 
 
 class SCEAdapter(nn.Cell):
-    """y = ln2(GELU(ln1(x))) per pixel (channels last); returns only the residual y.
+    """y = ln2(GELU(ln1(x))) per pixel (over the channels); returns only the residual y.
 
     ln1 has the default Linear init, ln2 is all zeros, so a fresh adapter adds nothing.
     """
@@ -26,10 +26,13 @@ class SCEAdapter(nn.Cell):
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
         b, c, h, w = x.shape
-        # Runs in its weights' dtype (fp32 master weights under a low-precision UNet).
-        tokens = x.transpose(0, 2, 3, 1).reshape(b, h * w, c).astype(self.ln1.weight.dtype)
-        y = self.ln2(self.activate(self.ln1(tokens)))
-        return y.reshape(b, h, w, c).transpose(0, 3, 1, 2).astype(x.dtype)
+        # Runs in its weights' dtype (fp32 master weights under a low-precision UNet). ln1 and
+        # ln2 are applied straight from and back to the image layout (no transposes, see
+        # mindscedit.layers).
+        pixels = x.reshape(b, c, h * w).astype(self.ln1.weight.dtype)
+        hidden = self.activate(dense_to_tokens(pixels, self.ln1.weight, self.ln1.bias))
+        y = dense_to_image(hidden, self.ln2.weight, self.ln2.bias)
+        return y.reshape(b, c, h, w).astype(x.dtype)
 
 
 class SCTuner(nn.Cell):
