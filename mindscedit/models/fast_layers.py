@@ -10,7 +10,7 @@ graph lives: 1 GiB per attention layer at that size, outside the memory pool.
 
 `apply_fast_layers(unet)` gives every such attention layer an `AttentionCore`: attention over
 blocks of (batch * heads) slices with a hand-written backward that keeps only Q, K, V and the
-output, recomputes one block's probabilities at a time and expands the row term explicitly.
+output, recomputes one block's probabilities at a time and folds the row term into a matrix product.
 The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q/to_k/to_v/to_out
 are unchanged. Where mindone has a fused flash attention (Ascend) the layers are left alone.
 
@@ -40,7 +40,8 @@ class HeadsAttention(nn.Cell):
     """softmax(scale * Q K^T) V on [n, tokens, head_dim] tensors, with a hand-written backward.
 
     Backward keeps only Q, K, V and the output, recomputes the probabilities P, and forms
-    dS = P * (dP - rowsum(dO * O)) with the row term expanded explicitly (why: module docstring).
+    dS = P * (dP - rowsum(dO * O)) with the row term inside the product that gives dP (no
+    implicit broadcast: module docstring).
     `after` (the previous block's output) chains the blocks of one layer, see AttentionCore.
     """
 
@@ -63,9 +64,11 @@ class HeadsAttention(nn.Cell):
         # from merging it with the forward's P (which would keep P alive until backward).
         probs = self.probs(ops.depend(query, dout), key)
         d_value = self.mix_t(probs, dout)
-        d_probs = self.scores(dout, value)
         row = (dout * out).sum(-1, keepdims=True)  # sum_j P_ij dP_ij = dO_i . O_i
-        d_scores = probs * (d_probs - ops.broadcast_to(row, d_probs.shape))
+        # dP_ij - row_i = [dO_i, -row_i] . [V_j, 1]: one product with an extra column instead of
+        # a score-sized broadcast (single-threaded on CPU) and subtraction.
+        ones = ops.ones(value.shape[:-1] + (1,), value.dtype)
+        d_scores = probs * self.scores(ops.cat((dout, -row), -1), ops.cat((value, ones), -1))
         d_query = self.mix(d_scores, key) * self.scale
         d_key = self.mix_t(d_scores, query) * self.scale
         # `after` gets a zero gradient that exists only once this block's gradients do; it is
