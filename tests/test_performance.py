@@ -54,9 +54,11 @@ def train(weights, method_name, optimisation=None, steps=STEPS):
     ms.set_seed(1)  # same tuner / LoRA initialisation in both runs
     trainable = method.prepare(unet)
     freeze_all_but((unet,), trainable)
-    if optimisation == "checkpointed_shared_blocks":  # recomputed blocks that share a graph
+    if optimisation == "all_checkpointed":  # everything, in the trainer's order
+        assert apply_fast_layers(unet) > 0
+    if optimisation in ("checkpointed_shared_blocks", "all_checkpointed"):  # recomputed blocks that share a graph
         unet.enable_gradient_checkpointing()
-    if optimisation in ("shared_blocks", "checkpointed_shared_blocks"):  # as the trainer does, once final
+    if optimisation in ("shared_blocks", "checkpointed_shared_blocks", "all_checkpointed"):  # once final
         assert share_repeated_blocks(unet) > 0
     if method_name == "scedit":  # zero-initialised ln2 would hide the encoder path: start non-trivially
         for p in trainable:
@@ -99,6 +101,7 @@ def plain_run(base_weights):
 @pytest.mark.parametrize("method_name, optimisation", [
     ("lora", "fast_layers"), ("scedit", "fast_layers"),  # LoRA: backward through every block
     ("lora", "shared_blocks"), ("scedit", "shared_blocks"), ("lora", "checkpointed_shared_blocks"),
+    ("lora", "all_checkpointed"),
 ])
 def test_optimisations_leave_the_loss_trajectory_and_trained_weights_unchanged(base_weights, plain_run, method_name,
                                                                              optimisation):
