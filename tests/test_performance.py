@@ -204,9 +204,10 @@ def test_token_projection_transformer_matches_mindones_forward_and_gradients(lin
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (5, 3, 7), (1, 4, 2), (4, 1, 2)])
 def test_swap_leading_axes_and_head_moves_are_exact_transposes(shape):
-    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(swap_leading_axes(ms.Tensor(x)).asnumpy(), x.transpose(1, 0, 2))
-    tokens = x.reshape(shape[0], shape[1], -1, 1).repeat(4, -1).reshape(shape[0], shape[1], -1)  # heads * head_dim
+    tokens = rng.standard_normal((shape[0], shape[1], shape[2] * 4)).astype(np.float32)  # heads * head_dim 4
     heads = split_heads(ms.Tensor(tokens), shape[2])
     expected = tokens.reshape(shape[0], shape[1], shape[2], -1).transpose(0, 2, 1, 3)
     np.testing.assert_array_equal(heads.asnumpy(), expected)
