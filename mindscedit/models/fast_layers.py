@@ -140,9 +140,7 @@ class CoreAttnProcessor(AttnProcessor2_0):
 def split_heads(x, heads: int):
     """[batch, tokens, heads * head_dim] -> [batch, heads, tokens, head_dim].
 
-    Done by unstack and stack, not by a transpose: MindSpore's CPU Transpose kernel keeps
-    8 bytes of index per element for as long as the graph lives; the pair keeps none and is no
-    slower.
+    Done by unstack and stack, not by a transpose (why: mindscedit.layers); the pair is no slower.
     """
     batch, tokens, channels = x.shape
     return ops.stack(ops.unstack(x.reshape(batch, tokens, heads, channels // heads), axis=2), axis=1)
