@@ -11,7 +11,8 @@ inflate the next one's. Peak memory is the worker's peak RSS on CPU (graph compi
 and the device memory pool's peak on Ascend. The first step is reported as the graph compile
 time; s/step is the median over the timed steps that follow the warm-up steps. With
 --compile_cache_dir the step is compiled through the trainer's compile cache, so a second bench
-of the same cases measures what a repeated launch costs.
+of the same cases measures what a repeated launch costs. With --compile_profile each row also
+gets the first compile's phases as MindSpore's compile profile times them (`compile_phases_s`).
 """
 import argparse
 import json
@@ -49,6 +50,7 @@ class BenchCase:
     device_target: str = "auto"
     seed: int = 0
     compile_cache_dir: Optional[str] = None
+    compile_profile: bool = False
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -151,7 +153,8 @@ def run_case(case: BenchCase) -> dict:
     if case.method in CONTROL_METHODS:  # a condition image at full resolution
         condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
     times, cache, rss_phases = [], None, {}
-    settings = {k: v for k, v in asdict(case).items() if k not in ("steps", "warmup", "seed", "compile_cache_dir")}
+    settings = {k: v for k, v in asdict(case).items()
+                if k not in ("steps", "warmup", "seed", "compile_cache_dir", "compile_profile")}
     for _ in range(total_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
@@ -197,6 +200,10 @@ def worker_main(argv: List[str]) -> int:
     from .training.compile_cache import allow_in_this_process
 
     case = BenchCase(**json.loads(argv[0]))
+    if case.compile_profile:  # MindSpore then prints each compile's phase times to stdout. Set
+        from mindspore.graph._parse import compile_config  # first: later in the process it is ignored
+
+        compile_config.COMPILE_PROFILE = "1"
     allow_in_this_process()  # a fresh process: the step is its first graph
     row = run_case(case)
     print(ROW_MARKER + json.dumps(row), flush=True)
@@ -204,6 +211,37 @@ def worker_main(argv: List[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- launcher side
+def compile_phases(profile_output: str) -> dict:
+    """Seconds per phase of the first compile in MindSpore's compile profile: the pipeline's
+    top-level actions ("type_inference", "optimize", "task_emit", ...) and optimize's passes
+    ("optimize.opt_a", ...), those of 0.05 s and more, plus "total"."""
+    phases, in_profile, parent = {}, False, None
+    for line in profile_output.splitlines():
+        if line.startswith("TotalTime = "):
+            if in_profile:
+                break  # a later compile (the reload of a saved step)
+            in_profile = True
+            phases["total"] = round(float(line.split("=")[1].split(",")[0]), 3)
+            continue
+        if not in_profile:
+            continue
+        if line.startswith("Sums"):
+            break
+        indent = len(line) - len(line.lstrip(" "))
+        name, _, rest = line.strip().partition("]: ")
+        if not name.startswith("[") or indent not in (0, 4):
+            continue
+        try:
+            seconds = float(rest.split(",")[0])
+        except ValueError:
+            continue
+        name = name[1:]
+        parent = name if indent == 0 else parent
+        if seconds >= 0.05:
+            phases[name if indent == 0 else f"{parent}.{name}"] = round(seconds, 3)
+    return phases
+
+
 def run_in_subprocess(case: BenchCase, timeout: Optional[float] = None) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "mindscedit.bench", json.dumps(asdict(case))],
@@ -211,7 +249,10 @@ def run_in_subprocess(case: BenchCase, timeout: Optional[float] = None) -> dict:
     )
     for line in proc.stdout.splitlines():
         if line.startswith(ROW_MARKER):
-            return json.loads(line[len(ROW_MARKER):])
+            row = json.loads(line[len(ROW_MARKER):])
+            if case.compile_profile:
+                row["compile_phases_s"] = compile_phases(proc.stdout)
+            return row
     # The worker died (often out of memory: killed without a traceback).
     lines = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()]
     reason = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -274,7 +315,7 @@ def cases_from_args(args) -> List[BenchCase]:
         steps=args.steps, warmup=args.warmup, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
         dense_hint_kernel=args.dense_hint_kernel,
         jit_level=args.jit_level, mixed_precision=args.mixed_precision, device_target=device,
-        compile_cache_dir=args.compile_cache_dir or None,
+        compile_cache_dir=args.compile_cache_dir or None, compile_profile=args.compile_profile,
     )
     return [BenchCase(method=m, batch_size=b, **common) for m in methods
             for b in _int_list("batch_sizes", args.batch_sizes)]
@@ -297,6 +338,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device_target", default="auto", choices=["auto", "CPU", "Ascend"])
     parser.add_argument("--compile_cache_dir", default="",
                         help="compile through this compile cache (a second bench then measures a warm launch)")
+    parser.add_argument("--compile_profile", action="store_true",
+                        help="time the phases of each first compile (MindSpore's compile profile)")
     parser.add_argument("--json", help="write one JSON line per (method, batch) here")
 
 
@@ -319,6 +362,11 @@ def run_bench(args) -> List[dict]:
           f"({rows[0].get('latent_size', '?')}^2 latents), {first.device_target}, jit {first.jit_level}, "
           f"precision {first.mixed_precision}, median of {first.steps} steps")
     print(markdown_table(rows))
+    for r in rows:
+        if r.get("compile_phases_s"):
+            phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["compile_phases_s"].items()
+                               if name == "total" or seconds >= 0.5)  # the JSON line holds them all
+            print(f"compile phases (s), {r['method']} batch {r['batch_size']}: {phases}")
     return rows
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
+from mindscedit.bench import compile_phases
 from mindscedit.cli import main
 from mindscedit.models import build_unet, unet_preset
 from mindscedit.models.presets import TINY_VAE
@@ -104,8 +105,9 @@ def test_bench_compares_the_csc_tuner_with_controlnet(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     argv = ["bench", "--model_config", "tiny", "--methods", "scedit_control,controlnet", "--batch_sizes", "2",
             "--resolution", "32", "--steps", "1", "--warmup", "0", "--dense_hint_kernel", "1",
-            "--device_target", "CPU", "--json", str(out)]
+            "--device_target", "CPU", "--json", str(out), "--compile_profile"]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
     rows = {r["method"]: r for r in map(json.loads, open(out))}
     unet = build_unet(unet_preset("tiny"))
     csc = sum(p.size for p in build_csc_tuner(unet, CSCTunerConfig(dense_hint_kernel=1)).get_parameters())
@@ -114,4 +116,23 @@ def test_bench_compares_the_csc_tuner_with_controlnet(tmp_path, capsys):
     assert rows["controlnet"]["trainable_params"] == controlnet
     for r in rows.values():
         assert r["peak_memory_mib"] > 0 and r["s_per_step"] > 0 and np.isfinite(r["loss"])
-    assert "| controlnet | 2 |" in capsys.readouterr().out
+        phases = r["compile_phases_s"]  # the compile itself: inside the graph time, made of its phases
+        assert {"total", "type_inference", "optimize", "optimize.opt_a", "task_emit"} <= set(phases)
+        assert 0 < phases["total"] <= r["graph_s"]
+        top_level = sum(v for k, v in phases.items() if "." not in k and k != "total")
+        assert 0.5 * phases["total"] < top_level <= phases["total"] + 0.01
+        assert f"compile phases (s), {r['method']} batch 2: total {phases['total']:.2f}" in printed
+    assert "| controlnet | 2 |" in printed
+
+
+def test_compile_phases_come_from_the_first_profile_only():
+    profile = "\n".join([
+        "noise before", "TotalTime = 3.5, [3]", "[type_inference]: 1.25", "[optimize]: 2.0, [2]",
+        "    [opt_a]: 1.5, [4]", "        [Cycle 1]: 1.0, [45]", "    [opt_b]: 0.01", "[task_emit]: 0.25",
+        "Sums", "    type_inference   :     1.25s : 35%", "TotalTime = 9.0, [1]", "[type_inference]: 9.0",
+    ])
+    first = {"total": 3.5, "type_inference": 1.25, "optimize": 2.0, "optimize.opt_a": 1.5, "task_emit": 0.25}
+    assert compile_phases(profile) == first
+    without_sums = "\n".join(l for l in profile.splitlines() if not l.startswith(("Sums", "    type_inference")))
+    assert compile_phases(without_sums) == first
+    assert compile_phases("no profile here") == {}
