@@ -294,6 +294,27 @@ def test_blocks_with_active_dropout_keep_their_own_graph(base_weights):
     assert not hasattr(dropouts[0], "no_inline")
 
 
+def test_sharing_policy_comes_from_the_environment(base_weights, monkeypatch):
+    from mindscedit.errors import UserError
+
+    unet = fresh_unet(base_weights)
+    blocks = [c for _, c in unet.cells_and_names() if isinstance(c, REPEATED_BLOCKS)]
+    monkeypatch.setenv("MINDSCEDIT_SHARE_GRAPHS", "0")
+    assert share_repeated_blocks(unet) == 0 and not any(hasattr(b, "cell_init_args") for b in blocks)
+    monkeypatch.setenv("MINDSCEDIT_SHARE_GRAPHS", "yes")
+    with pytest.raises(UserError, match="MINDSCEDIT_SHARE_GRAPHS='yes': expected one of front, calls, 0"):
+        share_repeated_blocks(unet)
+    monkeypatch.setenv("MINDSCEDIT_SHARE_GRAPHS", "calls")
+    with pytest.raises(UserError, match="calls needs an Ascend device"):  # this is a CPU context
+        share_repeated_blocks(unet)
+    assert not any(hasattr(b, "cell_init_args") for b in blocks)
+    real_get_context = ms.get_context
+    monkeypatch.setattr(ms, "get_context", lambda key: "Ascend" if key == "device_target" else real_get_context(key))
+    assert share_repeated_blocks(unet) == len(blocks)
+    # lazy_inline's own default: keyed, no_inline left unset, so the shared graphs stay calls
+    assert all(b.cell_init_args == block_key(b) and not hasattr(b, "no_inline") for b in blocks)
+
+
 def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_dir):
     from mindscedit.models.loading import load_components
     from mindscedit.sampling.sampler import TextEncoder, VaeDecoder

@@ -4,10 +4,12 @@ MindSpore's front end parses, type-infers and differentiates the graph of every 
 on its own, so the 22 ResnetBlock2D and 16 Transformer2DModel copies of an SD1.5 UNet (and the
 VAE's resnets, the text encoder's layers) are each compiled separately. A Cell marked reusable
 (what `mindspore.lazy_inline` does from `__init__`) shares one graph with every instance of the
-same key; with the "front" policy that graph is inlined back in the front end, so the backend
-still sees one plain graph (the CPU backend cannot run calls into a shared graph, the default
-policy's form). Marked cells must not nest: a reusable cell inside another one crashes the
-compiler.
+same key. With the "front" policy (the default here) that graph is inlined back in the front
+end: parsing and type inference see each kind of block once, the backend one plain graph. With
+lazy_inline's own default policy ("calls" here) the shared graph stays a called subgraph through
+the whole compile, so the passes after autodiff and the backend also see each kind of block
+once; MindSpore supports that on Ascend only (its CPU backend fails on such graphs). Marked
+cells must not nest: a reusable cell inside another one crashes the compiler.
 
 `mindspore.lazy_inline` keys instances by their constructor arguments. Here the key is taken
 once the network is final (tuners injected, fast layers in place) from what its graph is built
@@ -15,7 +17,8 @@ of: every sub-cell's path and class, its plain attributes and tensor constants, 
 other object it holds (an attention processor), and every parameter's path, shape, dtype and
 requires_grad. Two blocks share a graph only if all of that is equal; only their weights differ.
 
-MINDSCEDIT_SHARE_GRAPHS=0 in the environment leaves every block compiled on its own (A/B runs).
+MINDSCEDIT_SHARE_GRAPHS in the environment picks the policy: "front" (default), "calls" (Ascend
+only), or "0" to leave every block compiled on its own (A/B runs).
 """
 import hashlib
 import os
@@ -26,7 +29,10 @@ from mindone.diffusers.models.resnet import ResnetBlock2D
 from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
 from mindone.transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from ..errors import UserError
+
 REPEATED_BLOCKS = (ResnetBlock2D, Transformer2DModel, CLIPEncoderLayer)  # none contains another
+SHARING_POLICIES = ("front", "calls", "0")
 
 _PLAIN = (bool, int, float, str, tuple, type(None))
 # Attributes that differ between two builds of the same network and never reach the graph.
@@ -72,11 +78,23 @@ def has_active_dropout(block: nn.Cell) -> bool:
     return False
 
 
+def sharing_policy() -> str:
+    """MINDSCEDIT_SHARE_GRAPHS, checked against the device the context is set to."""
+    policy = os.environ.get("MINDSCEDIT_SHARE_GRAPHS", "front")
+    if policy not in SHARING_POLICIES:
+        raise UserError(f"MINDSCEDIT_SHARE_GRAPHS={policy!r}: expected one of {', '.join(SHARING_POLICIES)}")
+    if policy == "calls" and ms.get_context("device_target") != "Ascend":
+        raise UserError("MINDSCEDIT_SHARE_GRAPHS=calls needs an Ascend device: MindSpore's CPU backend "
+                        "cannot run shared blocks kept as calls (use front, the default)")
+    return policy
+
+
 def share_repeated_blocks(network: nn.Cell) -> int:
-    """Mark every outermost block of REPEATED_BLOCKS in `network` reusable (policy "front"),
-    except blocks with active dropout; returns how many blocks were marked. Call it once the
-    network is final: a block changed afterwards would keep a stale key."""
-    if os.environ.get("MINDSCEDIT_SHARE_GRAPHS", "1") == "0":
+    """Mark every outermost block of REPEATED_BLOCKS in `network` reusable, with the policy of
+    MINDSCEDIT_SHARE_GRAPHS, except blocks with active dropout; returns how many blocks were
+    marked. Call it once the network is final: a block changed afterwards would keep a stale key."""
+    policy = sharing_policy()
+    if policy == "0":
         return 0
     marked = []  # paths of marked blocks: their sub-cells are not marked again
     for path, cell in network.cells_and_names():
@@ -84,6 +102,7 @@ def share_repeated_blocks(network: nn.Cell) -> int:
             continue
         if not any(path.startswith(p + ".") for p in marked):
             cell.cell_init_args = block_key(cell)
-            cell.no_inline = False  # lazy_inline's "front" policy
+            if policy == "front":
+                cell.no_inline = False  # as lazy_inline(policy="front"); left unset, the calls stay
             marked.append(path)
     return len(marked)
