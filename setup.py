@@ -8,7 +8,7 @@ setup(
     package_data={"mindscedit": ["assets/photos16/README.md", "assets/photos16/data/*.parquet"]},
     python_requires=">=3.9",
     install_requires=[
-        "mindspore>=2.5.0",
+        "mindspore>=2.7.0,<2.11",  # tested: 2.7.0 (CI's smoke set) to 2.10; a later one may move what compat.py imports
         "mindone==0.3.0",
         "transformers==4.46.3",
         "safetensors",

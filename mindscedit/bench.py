@@ -51,6 +51,7 @@ class BenchCase:
     seed: int = 0
     compile_cache_dir: Optional[str] = None
     compile_profile: bool = False
+    compile_only: bool = False  # front end only: the step's types, for precisions the device cannot run
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -108,7 +109,7 @@ def run_case(case: BenchCase) -> dict:
     from .training.methods import apply_unet_precision, freeze_all_but, get_method
     from .training.network import LatentTrainNet
     from .training.compile_cache import compile_train_step
-    from .training.step import build_train_step, lr_schedule, make_optimizer
+    from .training.step import build_train_step, compile_front_end, lr_schedule, make_optimizer
     from .training.trainer import DTYPES
     from .tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
 
@@ -152,6 +153,15 @@ def run_case(case: BenchCase) -> dict:
     ]
     if case.method in CONTROL_METHODS:  # a condition image at full resolution
         condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
+    if case.compile_only:
+        timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
+        start = time.perf_counter()
+        compile_front_end(train_step, (*inputs, timesteps) + ((condition,) if case.method in CONTROL_METHODS else ()))
+        return dict(method=case.method, batch_size=b, model=case.model, resolution=case.resolution,
+                    latent_size=size, device=runtime.device_target, jit_level=case.jit_level,
+                    mixed_precision=case.mixed_precision, trainable_params=int(num_trainable), unet_params=int(total),
+                    trainable_pct=100.0 * num_trainable / total, compile_only=True, types="ok",
+                    front_end_s=round(time.perf_counter() - start, 3))
     times, cache, rss_phases = [], None, {}
     settings = {k: v for k, v in asdict(case).items()
                 if k not in ("steps", "warmup", "seed", "compile_cache_dir", "compile_profile")}
@@ -202,7 +212,7 @@ def worker_main(argv: List[str]) -> int:
     case = BenchCase(**json.loads(argv[0]))
     if case.compile_profile:  # MindSpore then prints each compile's phase times to stdout. Set
         try:  # first: later in the process it is ignored
-            from mindspore.graph._parse import compile_config
+            from .compat import compile_config
         except ImportError:  # a private module: the row then comes without phases
             print("bench: this MindSpore has no compile profile switch; no compile phases", file=sys.stderr)
         else:
@@ -272,6 +282,10 @@ def markdown_table(rows: List[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['batch_size']} | failed: {r['error']} | | | | |")
             continue
+        if r.get("compile_only"):
+            lines.append(f"| {r['method']} | {r['batch_size']} | {r['trainable_params'] / 1e6:.2f}M "
+                         f"({r['trainable_pct']:.2f}%) | types ok (front end only) | {r['front_end_s']:.1f} | | |")
+            continue
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['trainable_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%) "
             f"| {r['peak_memory_mib']:.0f} ({r['memory_kind']}) "
@@ -292,6 +306,7 @@ def _int_list(flag: str, value: str) -> List[int]:
 
 
 def cases_from_args(args) -> List[BenchCase]:
+    from .config import BF16_ON_CPU, FP16_ON_CPU
     from .models import UNET_PRESETS
     from .models.loading import check_model_folder
     from .runtime import detect_device
@@ -311,14 +326,20 @@ def cases_from_args(args) -> List[BenchCase]:
     if args.steps < 1 or args.warmup < 0 or args.lora_rank < 1:
         raise UserError("--steps and --lora_rank must be >= 1 and --warmup >= 0")
     device = detect_device(args.device_target)
-    if device == "CPU" and (args.jit_level == "O2" or args.mixed_precision != "no"):
-        raise UserError("jit_level O2 and mixed_precision fp16/bf16 need an Ascend device")
+    if device == "CPU":
+        if args.jit_level == "O2":
+            raise UserError("jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
+        if args.mixed_precision == "bf16" and not args.compile_only:
+            raise UserError(BF16_ON_CPU)
+        if args.mixed_precision == "fp16" and not args.compile_only:
+            print(f"bench: {FP16_ON_CPU}", file=sys.stderr)
     common = dict(
         model=args.pretrained_model_name_or_path or args.model_config, resolution=args.resolution,
         steps=args.steps, warmup=args.warmup, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
         dense_hint_kernel=args.dense_hint_kernel,
         jit_level=args.jit_level, mixed_precision=args.mixed_precision, device_target=device,
         compile_cache_dir=args.compile_cache_dir or None, compile_profile=args.compile_profile,
+        compile_only=args.compile_only,
     )
     return [BenchCase(method=m, batch_size=b, **common) for m in methods
             for b in _int_list("batch_sizes", args.batch_sizes)]
@@ -343,6 +364,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile through this compile cache (a second bench then measures a warm launch)")
     parser.add_argument("--compile_profile", action="store_true",
                         help="time the phases of each first compile (MindSpore's compile profile)")
+    parser.add_argument("--compile_only", action="store_true",
+                        help="compile each step's front end only (parse, type inference) and time nothing: checks "
+                             "a precision the device has no kernels for, e.g. bf16 on CPU")
     parser.add_argument("--json", help="write one JSON line per (method, batch) here")
 
 
@@ -361,7 +385,8 @@ def run_bench(args) -> List[dict]:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
     first = cases[0]
-    print(f"\nUNet training step, {first.model}, {first.resolution}x{first.resolution} "
+    what = "front-end compile (types only)" if first.compile_only else "UNet training step"
+    print(f"\n{what}, {first.model}, {first.resolution}x{first.resolution} "
           f"({rows[0].get('latent_size', '?')}^2 latents), {first.device_target}, jit {first.jit_level}, "
           f"precision {first.mixed_precision}, median of {first.steps} steps")
     print(markdown_table(rows))

@@ -41,7 +41,7 @@ class TrainConfig:
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
-    dataloader_num_workers: int = 1
+    dataloader_num_workers: int = 2  # one decodes ~100 samples/s of 512² photos; two leave headroom (scripts/bench_loader.py)
     on_bad_sample: str = "skip"
     # optimisation
     train_batch_size: int = 1
@@ -88,6 +88,9 @@ class TrainConfig:
     validation_prompt: List[str] = field(default_factory=list)
     validation_steps: int = 100
     num_validation_images: int = 4
+    # condition images of the validation prompts (scedit_control): one for all, or one per prompt,
+    # each the condition itself (an edge map for canny: `mindscedit annotate` makes one)
+    validation_image: List[str] = field(default_factory=list)
 
     @property
     def data_source(self) -> str:
@@ -96,7 +99,7 @@ class TrainConfig:
 
 FIELD_TYPES = {f.name: f for f in fields(TrainConfig)}
 # List keys whose items may contain commas (prompts): a string is one item, a flag repeats.
-WHOLE_ITEM_LISTS = ("validation_prompt",)
+WHOLE_ITEM_LISTS = ("validation_prompt", "validation_image")
 
 
 def _suggest(key: str) -> str:
@@ -224,13 +227,35 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
     if config.max_grad_norm is not None:
         _check(config.max_grad_norm > 0, f"max_grad_norm must be > 0, got {config.max_grad_norm}")
     _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
+    _check_validation_images(config)
     if config.checkpoints_total_limit is not None:
         _check(config.checkpoints_total_limit >= 1,
                f"checkpoints_total_limit must be >= 1, got {config.checkpoints_total_limit}")
     if device_target == "CPU":
         _check(config.jit_level != "O2", "jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
-        _check(config.mixed_precision == "no",
-               f"mixed_precision {config.mixed_precision} needs an Ascend device; use 'no' (fp32) on CPU")
+        _check(config.mixed_precision != "bf16", BF16_ON_CPU)
+
+
+# fp16 runs on CPU (slowly: a check of the Ascend dtype path); bf16 does not.
+BF16_ON_CPU = ("mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel); "
+               "check a bf16 step's types on CPU with: mindscedit bench --mixed_precision bf16 --compile_only")
+FP16_ON_CPU = "mixed_precision fp16 on CPU: for checking the Ascend dtype path, not for speed"
+
+
+def _check_validation_images(config: TrainConfig) -> None:
+    """CSC-Tuner validation samples under a condition: one image for all prompts or one each."""
+    images, prompts = config.validation_image, config.validation_prompt
+    if config.method != "scedit_control":
+        _check(not images, f"validation_image is for method scedit_control, not {config.method}")
+        return
+    if not prompts:
+        return
+    _check(bool(images), "validation_prompt with method scedit_control needs validation_image (the condition "
+                         "image to sample under; `mindscedit annotate` makes one from a photo)")
+    _check(len(images) in (1, len(prompts)),
+           f"validation_image: give one image, or one per validation_prompt ({len(prompts)}), got {len(images)}")
+    for path in images:
+        _check(os.path.isfile(path), f"validation_image not found: {path}")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,21 @@
-"""Small Cells shared by the tuners and the UNet's fast layers."""
+"""Small Cells shared by the tuners and the UNet's CPU rewrites (models/fast_layers.py)."""
 import math
+import os
 
+import mindspore as ms
 from mindspore import nn, ops
+
+CPU_WORKAROUNDS_ENV = "MINDSCEDIT_FAST_LAYERS"
+
+
+def cpu_kernel_workarounds() -> bool:
+    """The one switch for every rewrite that works around MindSpore's CPU kernels (the index
+    memory of broadcasts and transposes, attention without a fused kernel): on for a CPU
+    context, off on Ascend, where mindone's and MindSpore's own layers (flash attention) run.
+    MINDSCEDIT_FAST_LAYERS=0 turns the rewrites off on CPU too (A/B runs, and running the
+    Ascend-shaped graph on CPU)."""
+    return ms.get_context("device_target") == "CPU" and os.environ.get(CPU_WORKAROUNDS_ENV, "1") != "0"
+
 
 SQRT_HALF = math.sqrt(0.5)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -44,10 +58,17 @@ def swap_leading_axes(x):
     return ops.stack(ops.unstack(x, axis=1), axis=0)
 
 
+def _in_dtype_of(x, weight, bias):
+    """The layer's weights in the activations' dtype, as a Dense cell under AMP O2 casts them
+    (fp32 weights, fp16 compute); a no-op where they already match."""
+    return weight.astype(x.dtype), None if bias is None else bias.astype(x.dtype)
+
+
 def dense_to_tokens(x, weight, bias=None):
     """A Dense layer (weight [out, channels]) on every pixel of x [batch, channels, pixels]:
     returns tokens [batch, pixels, out]."""
     batch, channels, pixels = x.shape
+    weight, bias = _in_dtype_of(x, weight, bias)
     columns = swap_leading_axes(x).reshape(channels, batch * pixels)
     tokens = _COLUMNS_TIMES_WEIGHT_T(columns, weight)
     if bias is not None:
@@ -59,6 +80,7 @@ def dense_to_image(tokens, weight, bias=None):
     """A Dense layer (weight [out, channels]) on tokens [batch, pixels, channels]: returns the
     image layout [batch, out, pixels]."""
     batch, pixels, channels = tokens.shape
+    weight, bias = _in_dtype_of(tokens, weight, bias)
     out = _WEIGHT_TIMES_ROWS_T(weight, tokens.reshape(batch * pixels, channels))
     out = swap_leading_axes(out.reshape(weight.shape[0], batch, pixels))
     if bias is not None:

@@ -1,4 +1,5 @@
 """MindSpore context: device, graph mode, jit level and data-parallel setup."""
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ class Runtime:
 
 
 def detect_device(requested: str = "auto") -> str:
+    """``requested`` unless it is "auto"; then Ascend if MindSpore can use it, else CPU.
+
+    Falling back to CPU logs one warning when an error caused it: the availability check raised,
+    or MindSpore recorded that its Ascend plugin failed to load on a machine that has NPUs. The
+    plugin's load failure does not raise: ``import mindspore`` records it and ``is_available``
+    returns False. A machine without NPUs records the same failure (the plugin ships in the wheel
+    but CANN's libraries are absent), so there it is the ordinary "no Ascend here" and is quiet.
+    """
     if requested != "auto":
         return requested
     try:
@@ -29,9 +38,38 @@ def detect_device(requested: str = "auto") -> str:
 
         if hal.is_available("Ascend"):
             return "Ascend"
-    except Exception:  # no Ascend plugin installed: this is a CPU machine
-        pass
+    except Exception as exc:  # the check itself broke: say so rather than train on CPU unannounced
+        logger.warning("Ascend check failed, using CPU: %s", _first_line(exc))
+        return "CPU"
+    plugin_error = _ascend_plugin_error()
+    if plugin_error and _has_npus():
+        hint = " (source CANN's set_env.sh?)" if "cannot open shared object" in plugin_error else ""
+        logger.warning("Ascend plugin failed to load, using CPU: %s%s", plugin_error, hint)
     return "CPU"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+def _ascend_plugin_error() -> str:
+    """First Ascend line of MindSpore's record of plugin load failures ("" if there is none)."""
+    try:
+        from mindspore._c_expression import MSContext
+
+        record = MSContext.get_instance().load_plugin_error()
+    except Exception:  # a private API: when it is missing or changed there is just nothing to add
+        return ""
+    for line in str(record).splitlines():
+        if "ascend" in line.lower():
+            return line.strip()
+    return ""
+
+
+def _has_npus() -> bool:
+    """Whether the Ascend driver exposes NPUs here (its device files, also mapped into containers)."""
+    return os.path.exists("/dev/davinci_manager") or bool(glob.glob("/dev/davinci[0-9]*"))
 
 
 def launched_by_msrun() -> bool:

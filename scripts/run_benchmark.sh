@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark the UNet training step of vanilla, LoRA and SCEdit (random weights, real configs).
-#   bash scripts/run_benchmark.sh            # Ascend: SD1.5 at 512, batch 1 and 16, jit O0 and O2, fp16
+#   bash scripts/run_benchmark.sh            # Ascend: SD1.5 at 512, fp16, mindone's batches (below)
 #   bash scripts/run_benchmark.sh --cpu      # CPU: the mid config at 256 (32x32 latents), batch 8,
 #                                            then CSC-Tuner vs ControlNet on the same config
 # Extra flags go to `mindscedit bench` (e.g. --steps 20, --pretrained_model_name_or_path DIR).
@@ -25,8 +25,14 @@ if [ "${1:-}" = "--cpu" ]; then
 fi
 
 export MS_ASCEND_CHECK_OVERFLOW_MODE=${MS_ASCEND_CHECK_OVERFLOW_MODE:-INFNAN_MODE}
-for JIT in O0 O2; do
-  mindscedit bench --model_config sd15 --methods vanilla,lora,scedit --batch_sizes 1,16 --resolution 512 \
-    --steps 20 --warmup 3 --lora_rank 64 --lora_targets attn+ff --jit_level "$JIT" --mixed_precision fp16 \
-    --device_target Ascend --json "$OUT_DIR/ascend_sd15_512_${JIT}.jsonl" "$@"
+# Rows comparable to mindone's SD1.5 910* table (fp16, 512x512): vanilla at batch 3 and LoRA (rank 4 on
+# q/k/v/out, mindone's recipe) at batch 4, each also at batch 1 (the bs-1 table); SCEdit at the same
+# batches. JIT_LEVELS picks the jit levels (O2 only on MindSpore < 2.9, which deprecates it).
+for JIT in ${JIT_LEVELS:-O0 O1}; do
+  common=(--model_config sd15 --resolution 512 --steps 20 --warmup 3 --jit_level "$JIT" --mixed_precision fp16
+          --device_target Ascend)
+  mindscedit bench "${common[@]}" --methods vanilla --batch_sizes 1,3 \
+    --json "$OUT_DIR/ascend_sd15_512_${JIT}_vanilla.jsonl" "$@"
+  mindscedit bench "${common[@]}" --methods lora,scedit --batch_sizes 1,4 --lora_rank 4 --lora_targets attn \
+    --json "$OUT_DIR/ascend_sd15_512_${JIT}_lora_scedit.jsonl" "$@"
 done

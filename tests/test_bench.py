@@ -88,7 +88,8 @@ def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
         (["--model_config", "tiny", "--methods", "lora,dora"], "--methods: 'dora'"),
         (["--model_config", "tiny", "--batch_sizes", "1,x"], "--batch_sizes must be a comma list"),
         ([], "give one of --pretrained_model_name_or_path or --model_config"),
-        (["--model_config", "tiny", "--device_target", "CPU", "--mixed_precision", "fp16"], "need an Ascend"),
+        (["--model_config", "tiny", "--device_target", "CPU", "--mixed_precision", "bf16"], "--compile_only"),
+        (["--model_config", "tiny", "--device_target", "CPU", "--jit_level", "O2"], "jit_level O2 needs an Ascend"),
     ],
 )
 def test_bad_bench_flags_fail_in_one_line(flags, message, capsys):

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import mindspore as ms
 import pytest
+from PIL import Image
 from mindspore.nn.utils import no_init_parameters
 
 from mindscedit.data.conditions import annotate, to_condition_tensor
@@ -153,7 +154,13 @@ def test_control_training_lowers_the_loss_and_touches_only_the_tuner(tiny_model_
     from mindscedit.training.trainer import Trainer
     from mindscedit.tuners.csc_tuner import read_csc_tuner_file
 
-    trainer = Trainer(_control_config(tiny_model_dir, photos_dir, tmp_path)).build()
+    condition_file = tmp_path / "edges.png"
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[16:48, 16] = edges[16:48, 47] = edges[16, 16:48] = edges[47, 16:48] = 255  # a square's outline
+    Image.fromarray(edges).save(condition_file)
+    config = _control_config(tiny_model_dir, photos_dir, tmp_path, validation_prompt=["a photo"],
+                             validation_image=[str(condition_file)], num_validation_images=1)
+    trainer = Trainer(config).build()
     comps = trainer.components
     frozen = {(i, n): p.asnumpy().copy() for i, c in enumerate((comps.unet, comps.vae, comps.text_encoder))
               for n, p in c.parameters_and_names()}
@@ -170,6 +177,15 @@ def test_control_training_lowers_the_loss_and_touches_only_the_tuner(tiny_model_
     for (i, n), value in frozen.items():
         current = dict((c for c in (comps.unet, comps.vae, comps.text_encoder)[i].parameters_and_names()))[n]
         np.testing.assert_array_equal(current.asnumpy(), value)  # UNet, VAE, text encoder untouched
+
+    # Validation samples with the tuner being trained, under the validation condition image: a
+    # blank condition gives other images than the edge map.
+    validator = trainer.validator
+    assert validator.sampler.controlled is trainer.method.controlled_unet
+    with_edges = np.asarray(Image.open(sorted((tmp_path / validator(30)).glob("*seed*.png"))[0]))
+    validator.condition_images = [np.zeros_like(validator.condition_images[0])]
+    blank = np.asarray(Image.open(sorted((tmp_path / validator(31)).glob("*seed*.png"))[0]))
+    assert with_edges.shape == (64, 64, 3) and not np.array_equal(with_edges, blank)
 
     trainer.method.save_weights(comps.unet, str(tmp_path / "w"))
     name, config, state = read_csc_tuner_file(str(tmp_path / "w"))

@@ -283,7 +283,9 @@ def test_resume_from_a_checkpoint_of_another_method_is_refused_whole(
         (["--rank", "0"], "rank must be >= 1, got 0"),
         (["--resolution", "36"], "resolution must be a positive multiple of 8, got 36"),
         (["--jit_level", "O2"], "jit_level O2 needs an Ascend device; use O0 or O1 on CPU"),
-        (["--mixed_precision", "fp16"], "mixed_precision fp16 needs an Ascend device; use 'no' (fp32) on CPU"),
+        (["--mixed_precision", "bf16"], "mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 "
+                                        "MatMul kernel); check a bf16 step's types on CPU with: "
+                                        "mindscedit bench --mixed_precision bf16 --compile_only"),
         (["--pretrained_model_name_or_path", "/nonexistent/sd"], "model folder not found: /nonexistent/sd"),
     ],
 )

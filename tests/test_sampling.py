@@ -208,6 +208,7 @@ def test_lora_file_loads_with_its_rank_alpha_and_scale(lora_file):
     assert all(not layer.is_on("lora0") for layer in layers.values())  # weight 0: the base layer exactly
 
 
+@pytest.mark.smoke
 def test_cli_sample_writes_images_and_grids(tiny_vpred_model_dir, scedit_dir, lora_file, tmp_path):
     """End to end on the v-prediction model, with SC-Tuners and LoRA on the UNet and a stochastic scheduler."""
     prompt_file = tmp_path / "prompts.txt"

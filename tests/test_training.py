@@ -84,6 +84,7 @@ def test_loss_falls_and_only_trainable_weights_change(method, tiny_model_dir, ph
             np.testing.assert_array_equal(p.asnumpy(), trained[name])
 
 
+@pytest.mark.smoke
 def test_resumed_run_reaches_the_same_weights(tiny_model_dir, photos_dir, tmp_path):
     common = dict(
         method="scedit",
@@ -158,8 +159,11 @@ def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
             np.testing.assert_allclose(p.asnumpy(), w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])  # fp16: gradients arrive loss-scaled by 2^16
-def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_precision):
+@pytest.mark.parametrize("mixed_precision, overflow_check", [
+    ("no", "norm"), ("fp16", "norm"),  # fp16: gradients arrive loss-scaled by 2^16
+    ("fp16", "status"),  # MindSpore's all_finite, the check used on Ascend
+])
+def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_precision, overflow_check):
     from mindspore import nn
 
     from mindscedit.training.step import BranchFreeTrainStep, build_train_step, make_optimizer
@@ -176,8 +180,8 @@ def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_prec
     net = Linear()
     lr, (beta1, beta2), eps, decay, max_norm = 1e-2, (0.9, 0.999), 1e-8, 1e-2, 1.0
     optimizer = make_optimizer([net.w, net.b], [lr] * 8, beta1, beta2, eps, decay)
-    step = build_train_step(net, optimizer, mixed_precision, max_norm, 1)
-    assert isinstance(step, BranchFreeTrainStep)
+    step = build_train_step(net, optimizer, mixed_precision, max_norm, 1, overflow_check=overflow_check)
+    assert isinstance(step, BranchFreeTrainStep) and step.overflow_check == overflow_check
     # Every parameter the step reads or writes is in its cell tree, which is all that a graph
     # loaded from the compile cache binds.
     registered = {id(p) for _, p in step.parameters_and_names()}
@@ -185,7 +189,7 @@ def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_prec
     assert {id(scaler.scale_value), id(step.grad_scaler.all_finite), id(optimizer.global_step)} <= registered
     assert mixed_precision != "fp16" or id(scaler.counter) in registered
     rng = np.random.default_rng(0)
-    weights, avg, avg_sq, applied = [np.zeros(4), np.ones((2, 3))], [0.0, 0.0], [0.0, 0.0], 0
+    weights, avg, avg_sq, applied, skipped = [np.zeros(4), np.ones((2, 3))], [0.0, 0.0], [0.0, 0.0], 0, 0
     for scale in (10.0, 0.1, None, 3.0):  # global norm above, below the clip; a NaN step; above
         grads = [rng.standard_normal(4), rng.standard_normal((2, 3))]
         if scale is None:
@@ -195,6 +199,10 @@ def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_prec
             grads = [g * scale / norm for g in grads]
         step(*(ms.Tensor(g.astype(np.float32)) for g in grads))
         assert bool(step.grad_scaler.all_finite.asnumpy()) == (scale is not None)
+        # The skip counters the loop reads every logging_steps: in all, and in a row.
+        assert int(step.nonfinite_run.asnumpy()) == (scale is None)
+        skipped += scale is None
+        assert int(step.skipped_steps.asnumpy()) == skipped
         if scale is not None:  # AdamW on clip_by_global_norm's gradients
             applied += 1
             clipped = [g * max_norm / max(scale, max_norm) for g in grads]
@@ -237,3 +245,39 @@ def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_ident
             np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     other_out, _, _ = run("other", "--down_ratio", "0.5")  # another graph: its own cache entry
     assert "saved to the compile cache" in other_out and len(os.listdir(tmp_path / "cache")) == 2
+
+
+class DeferredReadStep:
+    """Stands in for the jitted step: counts its calls and records, for every loss it returned,
+    how many steps had been queued when the loop read that loss back to the host."""
+
+    def __init__(self):
+        self.calls = 0
+        self.read_at = {}  # step number -> calls made when its loss was read
+        self.skipped_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
+        self.nonfinite_run = ms.Parameter(ms.Tensor(0, ms.int32), name="nonfinite_run", requires_grad=False)
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        step, owner = self.calls, self
+
+        class Loss:  # a device tensor whose read the test can see
+            def asnumpy(self):
+                owner.read_at.setdefault(step, owner.calls)
+                return np.float32(0.5)
+
+        return None, Loss()
+
+
+def test_the_loop_reads_the_device_only_every_logging_steps(tiny_model_dir, photos_dir, tmp_path):
+    config = make_config(tiny_model_dir, photos_dir, tmp_path, max_train_steps=8, logging_steps=4)
+    trainer = Trainer(config).build()
+    trainer.train_step = DeferredReadStep()
+    trainer.save_checkpoint = lambda *args: None  # the stand-in has no optimizer state
+    trainer.save_final_weights = lambda: None
+    result = trainer.train()
+    # Step 1 is read at once (it times the compile); then steps 2-4 at step 4, 5-8 at step 8.
+    assert trainer.train_step.read_at == {1: 1, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+    assert result.losses == [0.5] * 8
+    logs = [json.loads(line) for line in open(tmp_path / "logs.jsonl")]
+    assert [r["step"] for r in logs] == [4, 8] and all(r["skipped_steps"] == 0 for r in logs)

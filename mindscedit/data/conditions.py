@@ -107,3 +107,16 @@ class ConditionSpec:
             return to_condition_tensor(apply_params(image, params))
         except DataError as exc:  # a size mismatch: say which row
             raise DataError(f"{record.origin}: {exc}") from None
+
+
+def load_control_image(path: str, kind: str, height: int, width: int) -> np.ndarray:
+    """A control image file -> float32 [3, height, width] in [0, 1], annotated unless kind is none."""
+    from PIL import Image
+
+    from .transforms import decode_image, to_rgb
+
+    image = to_rgb(decode_image(path, path)).resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if kind != "none":
+        pixels = annotate(kind, pixels)
+    return to_condition_tensor(pixels)

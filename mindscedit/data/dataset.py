@@ -39,6 +39,19 @@ SKIPPED_COLUMN = "num_skipped"
 # transformers sets model_max_length to ~1e30 when the tokenizer config does not give one.
 _MAX_SANE_TOKEN_LENGTH = 100_000
 
+# Loader defaults, from scripts/bench_loader.py: one 512x512 sample (decode, resize, crop, flip,
+# normalise) costs about 7 ms of an idle x86 core for 256x256 JPEGs, 12 ms with a canny condition
+# and 50 ms for 2048x2048 JPEGs (about twice that on busy cores), while an Ascend 910* trains SD1.5
+# at 12-15 img/s, i.e. takes a sample every 65-85 ms. One worker keeps up only with small images
+# on a free core; two cover large photos, slower or busy host cores, and (unlike one, which runs
+# as a thread of the training process) decode in processes of their own. Each card's training
+# process starts its own workers, so a host of 8 cards runs 16.
+DEFAULT_NUM_WORKERS = 2
+# Rows (and, after batching, batches) each pipeline stage may hold ahead of the next: 16 is about
+# a second of samples at 910 speed with batch 1, enough to ride out a slow sample since the
+# workers produce several times faster than a card consumes. MindSpore's own default is also 16.
+DEFAULT_PREFETCH_SIZE = 16
+
 
 def encode_sample_key(epoch: int, index: int, num_samples: int) -> int:
     return epoch * num_samples + index
@@ -258,9 +271,10 @@ def create_dataloader(
     num_shards: int = 1,
     shard_id: int = 0,
     start_step: int = 0,
-    num_workers: int = 1,
+    num_workers: int = DEFAULT_NUM_WORKERS,
     on_bad_sample: str = "skip",
     condition: Optional[ConditionSpec] = None,
+    prefetch_size: Optional[int] = DEFAULT_PREFETCH_SIZE,
 ):
     """Infinite MindSpore dataset of batches with columns ``pixel_values`` and ``input_ids``
     (and ``condition``, float32 [3, R, R] in [0, 1], when a ConditionSpec is given).
@@ -272,8 +286,18 @@ def create_dataloader(
     sampler's whole index list up front, which never returns for an infinite sampler. Instead a
     one-column GeneratorDataset streams the sample keys lazily and an order-preserving ``map``
     decodes them in ``num_workers`` processes, so batches come out in sampler order.
+
+    ``prefetch_size`` is the depth of the queues between pipeline stages (rows, then batches).
+    MindSpore has only a process-wide setting for it, read when the iterator is created, so this
+    sets ``mindspore.dataset.config.set_prefetch_size`` for the whole process; ``None`` leaves
+    that setting alone.
     """
     import mindspore.dataset as ms_dataset  # imported here so loading records does not pull in MindSpore
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if prefetch_size is not None:
+        ms_dataset.config.set_prefetch_size(int(prefetch_size))
 
     dataset = TextImageDataset(
         records, ImageTransform(resolution, center_crop, random_flip), tokenizer, seed, on_bad_sample, condition

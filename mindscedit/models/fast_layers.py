@@ -12,7 +12,7 @@ graph lives: 1 GiB per attention layer at that size, outside the memory pool.
 blocks of (batch * heads) slices with a hand-written backward that keeps only Q, K, V and the
 output, recomputes one block's probabilities at a time and folds the row term into a matrix product.
 The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q/to_k/to_v/to_out
-are unchanged. Where mindone has a fused flash attention (Ascend) the layers are left alone.
+are unchanged. Off the CPU (Ascend, with mindone's flash attention) no layer is changed.
 
 The same index cost hits the feed-forward's exact (erf) GELU, 40 MiB per GEGLU at the first
 level: on CPU the GEGLUs get an `ExactGELU` (mindscedit.layers) instead. Every ResnetBlock2D
@@ -24,16 +24,14 @@ of index per element: the attention processor moves heads by unstack/stack, and 
 Transformer2DModel becomes a `TokenProjTransformer2DModel`, whose proj_in/proj_out multiply
 straight from the image layout to tokens and back.
 """
-import os
 
-import mindspore as ms
 from mindspore import nn, ops
 from mindone.diffusers.models.activations import GEGLU
 from mindone.diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from mindone.diffusers.models.resnet import ResnetBlock2D
 from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from ..layers import ExactGELU, dense_to_image, dense_to_tokens
+from ..layers import ExactGELU, cpu_kernel_workarounds, dense_to_image, dense_to_tokens
 
 
 class HeadsAttention(nn.Cell):
@@ -221,36 +219,31 @@ def _is_pointwise(layer) -> bool:
         and not any(layer.padding if isinstance(layer.padding, tuple) else (layer.padding,))
 
 
-def uses_fused_attention(attn: Attention) -> bool:
-    """True where mindone would run its flash-attention kernel (Ascend, fp16/bf16 or forced cast)."""
-    return ms.get_context("device_target") != "CPU" and attn.fa_op_available and attn._enable_flash_sdp
-
-
 def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
-    """Swap in the fast attention where mindone has no fused kernel, and on CPU the GEGLUs' GELU
-    and the ResnetBlock2Ds' time-embedding add.
+    """On CPU, swap in the attention core, the GEGLUs' GELU, the ResnetBlock2Ds' time-embedding
+    add and the Transformer2DModels' projections; elsewhere (Ascend: mindone's flash attention
+    and MindSpore's kernels) leave every layer as it is.
 
-    Returns how many layers changed.
-    MINDSCEDIT_FAST_LAYERS=0 in the environment leaves mindone's layers as they are (for A/B runs).
+    Returns how many layers changed. The switch is mindscedit.layers.cpu_kernel_workarounds
+    (MINDSCEDIT_FAST_LAYERS=0 turns it off on CPU too).
     """
-    if os.environ.get("MINDSCEDIT_FAST_LAYERS", "1") == "0":
+    if not cpu_kernel_workarounds():
         return 0
-    on_cpu = ms.get_context("device_target") == "CPU"
     changed = 0
     for _, cell in unet.cells_and_names():
-        if isinstance(cell, Attention) and type(cell.processor) is AttnProcessor2_0 and not uses_fused_attention(cell):
+        if isinstance(cell, Attention) and type(cell.processor) is AttnProcessor2_0:
             cell.attention_core = AttentionCore(cell.scale, block_elements)
             cell.set_processor(CoreAttnProcessor())
             changed += 1
-        elif on_cpu and isinstance(cell, GEGLU) and not isinstance(cell.gelu, ExactGELU):
+        elif isinstance(cell, GEGLU) and not isinstance(cell.gelu, ExactGELU):
             cell.exact_gelu = ExactGELU()
             object.__setattr__(cell, "gelu", cell.exact_gelu)  # shadows GEGLU's gelu() method
             changed += 1
-        elif on_cpu and type(cell) is ResnetBlock2D and cell.time_embedding_norm == "default" \
+        elif type(cell) is ResnetBlock2D and cell.time_embedding_norm == "default" \
                 and cell.time_emb_proj is not None:
             cell.__class__ = BiasAddResnetBlock2D  # same attributes and weights, another construct
             changed += 1
-        elif on_cpu and type(cell) is Transformer2DModel and cell.is_input_continuous \
+        elif type(cell) is Transformer2DModel and cell.is_input_continuous \
                 and _is_pointwise(cell.proj_in) and _is_pointwise(cell.proj_out):
             cell.__class__ = TokenProjTransformer2DModel
             changed += 1

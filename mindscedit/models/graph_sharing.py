@@ -13,9 +13,9 @@ cells must not nest: a reusable cell inside another one crashes the compiler.
 
 `mindspore.lazy_inline` keys instances by their constructor arguments. Here the key is taken
 once the network is final (tuners injected, fast layers in place) from what its graph is built
-of: every sub-cell's path and class, its plain attributes and tensor constants, the class of any
-other object it holds (an attention processor), and every parameter's path, shape, dtype and
-requires_grad. Two blocks share a graph only if all of that is equal; only their weights differ.
+of: every sub-cell's path and class, its recompute state, its plain attributes and tensor
+constants, the class of any other object it holds (an attention processor), and every
+parameter's path, shape, dtype and requires_grad. Two blocks share a graph only if all of that is equal; only their weights differ.
 
 MINDSCEDIT_SHARE_GRAPHS in the environment picks the policy: "front" (default), "calls" (Ascend
 only), or "0" to leave every block compiled on its own (A/B runs).
@@ -45,6 +45,11 @@ def update_with_cell_constants(digest, cell: nn.Cell) -> None:
     class, tensor constants by value, plain attributes as they are, other objects by class."""
     for path, sub in cell.cells_and_names():
         digest.update(f"{path}:{type(sub).__qualname__}".encode())
+        # Recompute (gradient checkpointing) lives in private attributes: a recomputed block and
+        # a plain one build different graphs (mindone recomputes all but a block's first resnet).
+        recompute = (getattr(sub, "_has_config_recompute", False), getattr(sub, "_scope", None),
+                     sub.get_flags().get("output_recompute") if hasattr(sub, "get_flags") else None)
+        digest.update(f"recompute={recompute!r}".encode())
         for name, value in sorted(vars(sub).items()):
             if name in VOLATILE_ATTRIBUTES or isinstance(value, (ms.Parameter, nn.Cell)):
                 continue  # parameters are keyed by shape elsewhere; cells are walked above

@@ -12,7 +12,7 @@ from typing import Any
 
 import mindspore as ms
 
-from ..errors import ModelFolderError
+from ..errors import ModelFolderError, UserError
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_FILES = {
@@ -77,10 +77,31 @@ def load_noise_scheduler(path: str):
     return DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
 
 
+FLASH_ATTENTION_ENV = "MINDSCEDIT_FLASH_ATTENTION"
+
+
+def apply_flash_attention_setting(unet):
+    """mindone runs Ascend's FlashAttentionScore whenever the device is Ascend, but only Atlas A2
+    (910B) chips have that kernel: MINDSCEDIT_FLASH_ATTENTION=0 (for 910A) makes every attention
+    layer take mindone's plain attention instead. Returns the UNet."""
+    from mindone.diffusers.models.attention_processor import Attention
+
+    setting = os.environ.get(FLASH_ATTENTION_ENV, "1")
+    if setting not in ("0", "1"):
+        raise UserError(f"{FLASH_ATTENTION_ENV}={setting!r}: expected 1 (flash attention where mindone has it) "
+                        "or 0 (plain attention, for 910A)")
+    if setting == "0":
+        for _, cell in unet.cells_and_names():
+            if isinstance(cell, Attention):
+                cell.enable_flash_sdp(False)
+    return unet
+
+
 def load_unet(path: str, dtype=ms.float32):
     from mindone.diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(path, subfolder="unet", mindspore_dtype=dtype, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", mindspore_dtype=dtype, local_files_only=True)
+    return apply_flash_attention_setting(unet)
 
 
 def load_components(path: str, dtype=ms.float32) -> SDComponents:
@@ -112,4 +133,4 @@ def build_unet(config: dict, dtype=ms.float32):
     unet = UNet2DConditionModel(**config)
     if dtype != ms.float32:
         unet.to(dtype)
-    return unet
+    return apply_flash_attention_setting(unet)

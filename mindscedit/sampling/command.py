@@ -3,7 +3,7 @@ import argparse
 import os
 from typing import List
 
-from ..data.conditions import ANNOTATORS, annotate, to_condition_tensor
+from ..data.conditions import ANNOTATORS, load_control_image
 from ..errors import UserError
 from .schedulers import SCHEDULERS
 
@@ -104,17 +104,3 @@ def run_sample(args) -> dict:
         control_scales=args.control_scale or None,
     )
     return save_images(images, args.output_dir)
-
-
-def load_control_image(path: str, kind: str, height: int, width: int):
-    """A control image file -> float32 [3, height, width] in [0, 1], annotated unless kind is none."""
-    import numpy as np
-    from PIL import Image
-
-    from ..data.transforms import decode_image, to_rgb
-
-    image = to_rgb(decode_image(path, path)).resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.uint8)
-    if kind != "none":
-        pixels = annotate(kind, pixels)
-    return to_condition_tensor(pixels)

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import mindspore as ms
 
-from ..models.graph_sharing import update_with_cell_constants
+from ..models.graph_sharing import sharing_policy, update_with_cell_constants
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _NOT_IN_GRAPH = {
     "caption_column", "center_crop", "random_flip", "dataloader_num_workers", "on_bad_sample",
     "max_nonfinite_steps", "conditioning_image_column", "canny_low_threshold", "canny_high_threshold",
     "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "logging_steps",
-    "validation_prompt", "validation_steps", "num_validation_images", "compile_cache_dir",
+    "validation_prompt", "validation_steps", "num_validation_images", "validation_image", "compile_cache_dir",
 }
 
 _process = {"allowed": False, "used": False}
@@ -73,6 +73,7 @@ def graph_key(train_step, inputs: Sequence[ms.Tensor], settings: dict, world_siz
         inputs=[(tuple(x.shape), str(x.dtype)) for x in inputs],
         constants=constants.hexdigest(),
         world_size=world_size,
+        sharing=sharing_policy(),  # how repeated blocks were compiled (graph_sharing.py)
         versions=(__version__, ms.__version__, mindone.__version__),
         context=(ms.get_context("device_target"), ms.get_context("mode")),
     ), sort_keys=True, default=str)
@@ -92,7 +93,7 @@ def _package_sources_hash() -> str:
 
 
 def _compile_through_cache(train_step, inputs, folder):
-    from mindspore.graph import api as graph_api
+    from ..compat import graph_api
 
     entry = getattr(graph_api, "entry_script_path", None)
     graph_api.entry_script_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_entry.py")
@@ -111,7 +112,7 @@ def _graph_file(folder: str, rank: int, number: int) -> str:
 
 def _reload_from_cache(train_step, inputs, folder: str, rank: int) -> None:
     """Drop the step just compiled and saved as graph 0 of `folder`, and load it back."""
-    from mindspore.graph.api import _cell_graph_executor
+    from ..compat import cell_graph_executor as _cell_graph_executor
 
     saved = _graph_file(folder, rank, 0)
     if not os.path.exists(saved):
@@ -155,6 +156,12 @@ def compile_train_step(train_step, inputs: Sequence[ms.Tensor], cache_root: Opti
     if not isinstance(train_step, ms.nn.Cell):
         return "off"
     folder = None
+    if cache_root:
+        try:  # the module whose entry script the cache scans, and that reloads the step (see compat.py)
+            from ..compat import graph_api  # noqa: F401
+        except ImportError as error:
+            logger.warning("compile cache off: %s", error)
+            cache_root = None
     if cache_root and getattr(train_step, "branch_free", False) and _process["allowed"] and not _process["used"]:
         key = graph_key(train_step, inputs, settings or {}, world_size)
         folder = os.path.join(os.path.expanduser(cache_root), key)

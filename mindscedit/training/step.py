@@ -12,11 +12,12 @@ optimizer applies that factor inside its per-weight update (clipping done here, 
 mindone's clipper). Per weight the graph then holds a handful of nodes for the whole update
 (compile time), and no clipped or unscaled copy of the gradients is ever written (memory).
 """
+import os
 from typing import List, Optional
 
 import mindspore as ms
 from mindspore import ops
-from mindspore.amp import DynamicLossScaler
+from mindspore.amp import DynamicLossScaler, all_finite
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindone.diffusers.optimization import get_scheduler
@@ -138,20 +139,42 @@ class DiffusionTrainStep(TrainStep):
         return self.scale_loss(loss), loss
 
 
+OVERFLOW_CHECKS = ("norm", "status")
+
+
+def default_overflow_check() -> str:
+    """How a step tells that its gradients overflowed, for the device the context is set to.
+
+    "status": MindSpore's `amp.all_finite`. On 910A, and on 910B in saturation mode, fp16
+    overflow saturates instead of giving inf, so only the chip's float-status register (which
+    all_finite reads there) sees it; elsewhere it runs AllFinite or a per-gradient isfinite.
+    "norm": the sum of squares the step computes anyway is not finite. Enough where overflow
+    gives inf/nan (CPU), and one node instead of one per gradient (compile time on CPU).
+    """
+    return "status" if ms.get_context("device_target") == "Ascend" else "norm"
+
+
 class BranchFreeTrainStep(DiffusionTrainStep):
     """The same step without accumulation and without control flow: a step whose gradients are
     not finite runs the optimizer with its writes gated off.
 
-    Gradients count as not finite when the sum of their squares is not: a NaN or inf anywhere,
-    or loss-scaled gradients so large that the sum overflows fp32 (for fp16 training that is an
-    overflow the loss scaler should back off from anyway). Clipping is MindSpore's
-    clip_by_global_norm on the unscaled gradients: g * max_norm / max(norm, max_norm).
+    Gradients count as not finite when the overflow check says so (default_overflow_check), or
+    when the sum of their squares is not: a NaN or inf anywhere, or loss-scaled gradients so
+    large that the sum overflows fp32 (for fp16 training that is an overflow the loss scaler
+    should back off from anyway). Clipping is MindSpore's clip_by_global_norm on the unscaled
+    gradients: g * max_norm / max(norm, max_norm).
+
+    The step counts skipped steps on the device (`skipped_steps` in all, `nonfinite_run` in a
+    row), so the loop can read them every few steps instead of syncing with the device each step.
     """
 
     branch_free = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, overflow_check: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.overflow_check = overflow_check or default_overflow_check()
+        if self.overflow_check not in OVERFLOW_CHECKS:
+            raise ValueError(f"overflow_check must be one of {OVERFLOW_CHECKS}, got {self.overflow_check!r}")
         self.max_grad_norm = self.grad_clipper.max_grad_norm  # None: no clipping
         self.square_sums = C.HyperMap()
         # mindone keeps the loss scaler's state and the finiteness flag on plain objects, outside
@@ -163,18 +186,25 @@ class BranchFreeTrainStep(DiffusionTrainStep):
         self.loss_scale_value, self.all_finite = scaler.scale_value, self.grad_scaler.all_finite
         if isinstance(scaler, DynamicLossScaler):
             self.loss_scale_counter = scaler.counter
+        self.skipped_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
+        self.nonfinite_run = ms.Parameter(ms.Tensor(0, ms.int32), name="nonfinite_run", requires_grad=False)
 
     def construct(self, *inputs):
         outputs, grads = self.forward_and_backward(*inputs)
         grads = self.grad_accumulator.grad_reducer(grads)  # data-parallel mean; identity on one card
         squared_norm = ops.addn(self.square_sums(_square_sum, grads))  # of the loss-scaled gradients
         finite = ops.isfinite(squared_norm)
+        if self.overflow_check == "status":
+            finite = ops.logical_and(finite, all_finite(grads))
         scale = self.grad_scaler.loss_scaler.scale_value.astype(ms.float32).reshape(())
         grad_factor = 1.0 / scale
         if self.max_grad_norm is not None:
             norm = ops.sqrt(squared_norm) / scale
             grad_factor = grad_factor * self.max_grad_norm / ops.maximum(norm, self.max_grad_norm)
         ops.assign(self.grad_scaler.all_finite, finite)
+        not_finite = ops.logical_not(finite).astype(ms.int32)
+        ops.assign_add(self.skipped_steps, not_finite)
+        ops.assign(self.nonfinite_run, (self.nonfinite_run + 1) * not_finite)
         outputs = ops.depend(outputs, self.optimizer(grads, finite, grad_factor))
         outputs = ops.depend(outputs, self.grad_scaler.loss_scaler.adjust(finite))
         return (self.unscale_loss(outputs[0]),) + outputs[1:]
@@ -187,8 +217,13 @@ def build_train_step(
     max_grad_norm: Optional[float] = None,
     gradient_accumulation_steps: int = 1,
     jit_level: Optional[str] = None,
+    overflow_check: Optional[str] = None,
 ) -> DiffusionTrainStep:
-    step_class = BranchFreeTrainStep if gradient_accumulation_steps == 1 else DiffusionTrainStep
+    extra = {}
+    if gradient_accumulation_steps == 1:
+        step_class, extra = BranchFreeTrainStep, {"overflow_check": overflow_check}
+    else:
+        step_class = DiffusionTrainStep  # mindone's step checks overflow with amp.all_finite itself
     step = step_class(
         network,
         optimizer,
@@ -197,7 +232,24 @@ def build_train_step(
         gradient_accumulation_steps=gradient_accumulation_steps,
         # The sampler is endless: accumulate by count, never by end of epoch.
         gradient_accumulation_kwargs={"sync_with_dataloader": False},
+        **extra,
     )
     if jit_level:
         step.set_jit_config(ms.JitConfig(jit_level=jit_level))
     return step.set_train()
+
+
+def compile_front_end(cell, inputs) -> None:
+    """Parse, type-infer and optimise `cell`'s graph for `inputs` without building kernels or
+    running it (MindSpore's precompile-only mode). This is the check of a precision the device
+    has no kernels for (bf16 on CPU): a dtype mismatch raises TypeError here, while a missing
+    kernel would only show up later, in the backend."""
+    previous = os.environ.get("MS_DEV_PRECOMPILE_ONLY")
+    os.environ["MS_DEV_PRECOMPILE_ONLY"] = "1"
+    try:
+        cell.compile(*inputs)
+    finally:
+        if previous is None:
+            del os.environ["MS_DEV_PRECOMPILE_ONLY"]
+        else:
+            os.environ["MS_DEV_PRECOMPILE_ONLY"] = previous

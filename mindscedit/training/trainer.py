@@ -13,7 +13,7 @@ import numpy as np
 import mindspore as ms
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, to_dict, validate
+from ..config import FP16_ON_CPU, TrainConfig, to_dict, validate
 from ..data import create_dataloader, iterate_batches, load_records
 from ..losses import DiffusionLoss
 from ..models import load_components
@@ -69,6 +69,65 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
+@dataclass
+class Window:
+    """What the steps since the last read did, as host values."""
+    losses: List[float]  # one per optimizer step (the mean over its micro-steps)
+    seconds: float  # wall time of those steps
+    skipped: int  # how many of them were skipped (non-finite gradients)
+    nonfinite_run: int  # non-finite steps in a row, up to the last one
+
+
+class DeviceReadings:
+    """Loss and skip counts of the steps run since the last read, fetched from the device in one go.
+
+    The branch-free step counts skipped steps on the device; reading a Tensor makes the host wait
+    for the device, so the loop reads only every logging_steps (and where it must: checkpoints,
+    validation, a stop). A step without those counters (gradient accumulation, stand-ins) is
+    asked for its finiteness flag after every optimizer step instead.
+    """
+
+    def __init__(self, train_step):
+        self.train_step = train_step
+        self.counted_on_device = isinstance(getattr(train_step, "skipped_steps", None), ms.Parameter)
+        self.skipped_before = int(train_step.skipped_steps.asnumpy()) if self.counted_on_device else 0
+        self.host_run = 0
+        self.host_skipped = 0
+        self.pending = []  # per optimizer step: its micro-steps' loss tensors
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.start = time.perf_counter()
+
+    def add_step(self, loss_tensors) -> None:
+        self.pending.append(loss_tensors)
+        if not self.counted_on_device:
+            finite = bool(self.train_step.grad_scaler.all_finite.asnumpy())
+            finite = finite and all(np.isfinite(float(t.asnumpy())) for t in loss_tensors)
+            self.host_run = 0 if finite else self.host_run + 1
+            self.host_skipped += 0 if finite else 1
+
+    def read(self) -> Window:
+        losses = [float(np.mean([float(t.asnumpy()) for t in step])) for step in self.pending]
+        if self.counted_on_device:
+            total = int(self.train_step.skipped_steps.asnumpy())
+            skipped, run = total - self.skipped_before, int(self.train_step.nonfinite_run.asnumpy())
+            self.skipped_before = total
+        else:
+            skipped, run = self.host_skipped, self.host_run
+            self.host_skipped = 0
+        # A step whose loss is not finite counts as skipped even where the gradients looked finite.
+        trailing = 0
+        for loss in reversed(losses):
+            if np.isfinite(loss):
+                break
+            trailing += 1
+        window = Window(losses, time.perf_counter() - self.start, skipped, max(run, trailing))
+        self.pending = []
+        self.start = time.perf_counter()
+        return window
+
+
 def count_parameters(unet, trainable) -> str:
     total = sum(p.size for p in unet.get_parameters())
     n = sum(p.size for p in trainable)
@@ -80,6 +139,8 @@ class Trainer:
         self.config = config
         self.runtime = runtime or init_runtime(config.device_target, config.distributed)
         validate(config, self.runtime.device_target)
+        if self.runtime.device_target == "CPU" and config.mixed_precision == "fp16" and self.runtime.is_main:
+            logger.warning(FP16_ON_CPU)
         self.method = get_method(config)
 
     # ----------------------------------------------------------------- setup
@@ -128,8 +189,20 @@ class Trainer:
             from ..sampling import Validator
 
             self.validator = Validator(comps, c.validation_prompt, c.output_dir, c.resolution,
-                                       c.num_validation_images, c.seed)
+                                       c.num_validation_images, c.seed, **self._validation_control())
         return self
+
+    def _validation_control(self) -> dict:
+        """CSC-Tuner runs validate with the tuner being trained, under each prompt's condition image."""
+        controlled = self.method.controlled_unet
+        if controlled is None:
+            return {}
+        from ..data.conditions import load_control_image
+
+        c = self.config
+        paths = c.validation_image * len(c.validation_prompt) if len(c.validation_image) == 1 else c.validation_image
+        return {"controlled": controlled,
+                "condition_images": [load_control_image(p, "none", c.resolution, c.resolution) for p in paths]}
 
     def _skip_bad_row(self, error):
         self.num_bad_rows += 1
@@ -149,20 +222,23 @@ class Trainer:
     def draw_randomness(self, micro_step: int, batch_size: int):
         """This rank's noise and timesteps of one micro-step.
 
-        The whole global batch's randomness is drawn from a generator keyed by (seed, micro_step)
-        and each rank takes its slice (the sampler gives rank r the r-th block of the global batch
-        too), so N cards x b samples see exactly what one process with N*b samples sees.
+        Sample k of the global batch (rank r holds samples r*b .. r*b+b-1, as the sampler gives
+        it the r-th block of the global batch) draws from its own generator keyed by
+        (seed, micro_step, k), so each rank draws only its own samples, and N cards x b samples
+        see exactly what one process with N*b samples sees.
         """
         c, rt = self.config, self.runtime
-        rng = np.random.default_rng([c.seed, micro_step])
-        shape = (batch_size * rt.world_size, self.latent_channels, self.latent_size, self.latent_size)
-        latent_eps = rng.standard_normal(shape, dtype=np.float32)
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        if c.noise_offset:
-            noise += c.noise_offset * rng.standard_normal(shape[:2] + (1, 1), dtype=np.float32)
-        timesteps = rng.integers(0, self.num_train_timesteps, (shape[0],), dtype=np.int32)
-        mine = slice(rt.rank * batch_size, (rt.rank + 1) * batch_size)
-        return tuple(ms.Tensor(np.ascontiguousarray(a[mine])) for a in (latent_eps, noise, timesteps))
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        latent_eps, noise, timesteps = [], [], []
+        for k in range(rt.rank * batch_size, (rt.rank + 1) * batch_size):
+            rng = np.random.default_rng([c.seed, micro_step, k])
+            latent_eps.append(rng.standard_normal(shape, dtype=np.float32))
+            sample_noise = rng.standard_normal(shape, dtype=np.float32)
+            if c.noise_offset:
+                sample_noise += c.noise_offset * rng.standard_normal(shape[:1] + (1, 1), dtype=np.float32)
+            noise.append(sample_noise)
+            timesteps.append(rng.integers(0, self.num_train_timesteps, dtype=np.int32))
+        return tuple(ms.Tensor(a) for a in (np.stack(latent_eps), np.stack(noise), np.array(timesteps, np.int32)))
 
     # ----------------------------------------------------------------- saving
     def save_checkpoint(self, global_step: int, micro_step: int) -> Optional[str]:
@@ -244,8 +320,9 @@ class Trainer:
             )
         log_file = open(os.path.join(c.output_dir, "logs.jsonl"), "a") if rt.is_main else None
         progress = tqdm(total=c.max_train_steps, initial=global_step, disable=not rt.is_main, desc="train")
-        step_times, window_losses, nonfinite_run = [], [], 0
-        step_start = time.perf_counter()
+        readings = DeviceReadings(self.train_step)
+        step_times = []  # seconds per optimizer step, averaged over each read window
+        window_losses = []  # loss tensors of the current optimizer step's micro-steps
         try:
             with StopRequest() as stop:
                 for batch in iterate_batches(loader):
@@ -258,51 +335,55 @@ class Trainer:
                     _, loss = self.train_step(*inputs)
                     micro_step += 1
                     result.skipped_samples += int(batch["num_skipped"].sum())
-                    window_losses.append(float(loss.asnumpy()))
+                    window_losses.append(loss)
                     if micro_step % accum:
                         continue
 
                     global_step += 1
-                    elapsed = time.perf_counter() - step_start
-                    step_start = time.perf_counter()
-                    if result.compile_seconds is None:
-                        result.compile_seconds = elapsed
-                    else:
-                        step_times.append(elapsed)
-                    step_loss = float(np.mean(window_losses))
+                    readings.add_step(window_losses)
                     window_losses = []
-                    result.losses.append(step_loss)
-                    finite = bool(self.train_step.grad_scaler.all_finite.asnumpy()) and np.isfinite(step_loss)
-                    nonfinite_run = 0 if finite else nonfinite_run + 1
                     progress.update(1)
-                    if rt.is_main and (global_step % c.logging_steps == 0 or global_step == c.max_train_steps):
-                        record = {
-                            "step": global_step,
-                            "loss": step_loss,
-                            "lr": float(self.lrs[global_step - 1]),
-                            "s_per_step": elapsed,
-                            "img_per_s": images_per_step / elapsed,
-                            "skipped": not finite,
-                        }
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                        progress.set_postfix(loss=f"{step_loss:.4f}", s_step=f"{elapsed:.3f}")
-
-                    if nonfinite_run >= c.max_nonfinite_steps:
-                        # The skipped steps left the weights alone: the checkpoint holds the last good ones.
-                        result.stopped_early = (
-                            f"{nonfinite_run} consecutive non-finite steps (max_nonfinite_steps); "
-                            f"the weights are those of step {global_step - nonfinite_run}"
-                        )
-                        result.diverged = True
-                    elif stop.signal_name:
-                        result.stopped_early = f"received {stop.signal_name}"
+                    log_now = global_step % c.logging_steps == 0 or global_step == c.max_train_steps
+                    validate_now = self.validator is not None and global_step % c.validation_steps == 0
+                    checkpoint_now = global_step % c.checkpointing_steps == 0 or global_step >= c.max_train_steps
+                    # Device values reach the host only here, so between reads the host prepares
+                    # the next steps while the device runs the queued ones.
+                    if log_now or validate_now or checkpoint_now or stop.signal_name or result.compile_seconds is None:
+                        window = readings.read()
+                        result.losses.extend(window.losses)
+                        if result.compile_seconds is None:
+                            result.compile_seconds = window.seconds
+                        else:
+                            step_times.extend([window.seconds / len(window.losses)] * len(window.losses))
+                        if log_now and rt.is_main:
+                            record = {
+                                "step": global_step,
+                                "loss": window.losses[-1],
+                                "lr": float(self.lrs[global_step - 1]),
+                                "s_per_step": window.seconds / len(window.losses),
+                                "img_per_s": images_per_step * len(window.losses) / window.seconds,
+                                "skipped": window.nonfinite_run > 0,
+                                "skipped_steps": window.skipped,
+                            }
+                            log_file.write(json.dumps(record) + "\n")
+                            log_file.flush()
+                            progress.set_postfix(loss=f"{window.losses[-1]:.4f}", s_step=f"{record['s_per_step']:.3f}")
+                        if window.nonfinite_run >= c.max_nonfinite_steps:
+                            # The skipped steps left the weights alone: the checkpoint holds the last good ones.
+                            result.stopped_early = (
+                                f"{window.nonfinite_run} consecutive non-finite steps (max_nonfinite_steps); "
+                                f"the weights are those of step {global_step - window.nonfinite_run}"
+                            )
+                            result.diverged = True
+                        elif stop.signal_name:
+                            result.stopped_early = f"received {stop.signal_name}"
                     done = global_step >= c.max_train_steps or result.stopped_early
                     if done or global_step % c.checkpointing_steps == 0:
                         self.save_checkpoint(global_step, micro_step)
-                    if self.validator and global_step % c.validation_steps == 0:
+                        readings.restart_clock()  # saving time is not training step time
+                    if validate_now:
                         self.validator(global_step)
-                        step_start = time.perf_counter()  # sampling time is not training step time
+                        readings.restart_clock()  # nor is sampling time
                     if done:
                         break
         finally:

@@ -78,9 +78,12 @@ class CSCTuner(nn.Cell):
         controls = ()
         for i in range(self.num_skips):
             mlp = self.lsc_tuner_blocks[self.num_skips - 1 - i].tuner_op
-            x = skips[i] + hints[i].astype(skips[i].dtype)
-            controls = controls + (hints[i] + mlp(x),)
+            x = skips[i].astype(hints[i].dtype) + hints[i]
+            controls = controls + ((hints[i] + mlp(x)).astype(skips[i].dtype),)
         return controls
 
     def construct(self, skips, condition):
-        return self.control(skips, self.hints(condition))
+        """Mixed precision as in peft: the tuner computes in its weights' dtype (fp32 master
+        weights under a low-precision UNet) and hands back controls in the skips' dtype."""
+        weight_dtype = self.pre_hint_blocks[0].weight.dtype
+        return self.control(skips, self.hints(condition.astype(weight_dtype)))

@@ -96,7 +96,7 @@ class ControlledUNet(nn.Cell):
             return skips
         total = None
         for k, tuner in enumerate(self.tuners):
-            controls = tuner(skips, conditions[k].astype(skips[0].dtype))
+            controls = tuner(skips, conditions[k])
             weighted = tuple(scales[k].astype(c.dtype) * c for c in controls)
             total = weighted if total is None else tuple(t + w for t, w in zip(total, weighted))
         return tuple(s + control_scale.astype(s.dtype) * c for s, c in zip(skips, total))

@@ -169,6 +169,9 @@ class LoraLinear(PeftLinear):
 
     # -- forward -------------------------------------------------------------------------------
     def construct(self, x: ms.Tensor, *args, **kwargs) -> ms.Tensor:
+        # Mixed precision as in peft and mindone: the frozen base layer runs in its own (low)
+        # precision, each adapter in its weights' dtype (fp32 master weights), and its update is
+        # cast back to the base output's dtype before it is added.
         base = self.get_base_layer()
         result = base(x)
         for adapter in self.adapter_order:
@@ -176,14 +179,15 @@ class LoraLinear(PeftLinear):
             scaling = self.lora_scaling[adapter].value
             lora_a = self.lora_A[adapter]
             lora_b = self.lora_B[adapter]
+            adapter_x = x.astype(lora_a.weight.dtype)
             if adapter in self.dora_adapters:
-                weight = base.weight
+                weight = base.weight.astype(lora_a.weight.dtype)
                 adapted = weight + scaling * ops.matmul(lora_b.weight, lora_a.weight)
                 norm = ops.stop_gradient(ops.sqrt(ops.reduce_sum(adapted * adapted, 1)))
                 ratio = self.lora_magnitude_vector[adapter].weight / norm
-                base_out = ops.matmul(x, ops.transpose(weight, (1, 0)))
-                update = (ratio - 1.0) * base_out + ratio * scaling * lora_b(lora_a(x))
-                result = result + gate * update
+                base_out = ops.matmul(adapter_x, ops.transpose(weight, (1, 0)))
+                update = (ratio - 1.0) * base_out + ratio * scaling * lora_b(lora_a(adapter_x))
+                result = result + (gate * update).astype(result.dtype)
             else:
-                result = result + (gate * scaling) * lora_b(lora_a(x))
+                result = result + ((gate * scaling) * lora_b(lora_a(adapter_x))).astype(result.dtype)
         return result
