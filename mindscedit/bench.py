@@ -105,12 +105,11 @@ def run_case(case: BenchCase) -> dict:
     from .losses import DiffusionLoss
     from .models.fast_layers import apply_fast_layers
     from .models.graph_sharing import share_repeated_blocks
-    from .runtime import init_runtime
+    from .runtime import DTYPES, init_runtime
     from .training.methods import apply_unet_precision, freeze_all_but, get_method
     from .training.network import LatentTrainNet
     from .training.compile_cache import compile_train_step
     from .training.step import build_train_step, compile_front_end, lr_schedule, make_optimizer
-    from .training.trainer import DTYPES
     from .tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
 
     runtime = init_runtime(case.device_target)

@@ -10,6 +10,9 @@ from .errors import UserError
 
 logger = logging.getLogger("mindscedit")
 
+# The compute dtype of each `mixed_precision` setting (training, sampling, bench).
+DTYPES = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+
 
 @dataclass
 class Runtime:

@@ -42,6 +42,7 @@ def expected_counts():
     return total, {"scedit": scedit, "lora": lora}
 
 
+@pytest.mark.slow
 def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     argv = ["bench", "--model_config", "tiny", "--methods", "lora,scedit", "--batch_sizes", "2",
@@ -98,6 +99,7 @@ def test_bad_bench_flags_fail_in_one_line(flags, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bench_compares_the_csc_tuner_with_controlnet(tmp_path, capsys):
     from mindone.diffusers import ControlNetModel
 

@@ -76,6 +76,7 @@ def test_cli_reports_a_bad_flag_in_one_line(capsys):
     assert err == "error: unknown flag --learning_rte (did you mean 'learning_rate'?)"
 
 
+@pytest.mark.slow
 def test_cli_trains_from_config_and_flags(tiny_model_dir, photos_dir, tmp_path):
     """The installed console script, as a user runs it: a few LoRA steps with flag overrides."""
     out = tmp_path / "run"

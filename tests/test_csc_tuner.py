@@ -150,6 +150,7 @@ def _control_config(model_dir, data_dir, output_dir, **overrides):
     return load_config(None, values)
 
 
+@pytest.mark.slow
 def test_control_training_lowers_the_loss_and_touches_only_the_tuner(tiny_model_dir, photos_dir, tmp_path):
     from mindscedit.training.trainer import Trainer
     from mindscedit.tuners.csc_tuner import read_csc_tuner_file
@@ -252,6 +253,7 @@ def test_control_type_without_annotator_needs_a_column():
     assert load_config(None, dict(base, control_type="depth", conditioning_image_column="depth_map")).control_type == "depth"
 
 
+@pytest.mark.slow
 def test_sampling_with_control_scale_zero_is_the_base_model(tiny_model_dir):
     from mindscedit.models import load_components
     from mindscedit.sampling import Sampler

@@ -66,6 +66,7 @@ def two_workers(tiny_model_dir, photos_dir, tmp_path_factory):
     return SimpleNamespace(out=tmp_path / "out", dump=tmp_path / "ok-dump", logs=log_dir, stdout=proc.stdout)
 
 
+@pytest.mark.slow
 def test_ranks_end_with_identical_weights_on_disjoint_shards(two_workers):
     rank0, rank1 = (np.load(two_workers.dump / f"rank{k}.npz") for k in (0, 1))
     assert sorted(rank0.files) == sorted(rank1.files) and len(rank0.files) == 24
@@ -79,6 +80,7 @@ def test_ranks_end_with_identical_weights_on_disjoint_shards(two_workers):
     assert "all 2 workers finished" in two_workers.stdout
 
 
+@pytest.mark.slow
 def test_only_rank0_writes_and_img_per_s_counts_all_cards(two_workers):
     out = two_workers.out
     assert sorted(os.listdir(out)) == sorted(
@@ -97,6 +99,7 @@ def test_only_rank0_writes_and_img_per_s_counts_all_cards(two_workers):
         np.testing.assert_array_equal(value, rank0[dumped])
 
 
+@pytest.mark.slow
 def test_two_cards_match_one_process_on_the_global_batch(two_workers, tiny_model_dir, photos_dir, tmp_path):
     trainer = Trainer(load_config(None, run_args(tiny_model_dir, photos_dir, tmp_path / "single", 4)))
     assert trainer.train().global_step == STEPS
@@ -107,6 +110,7 @@ def test_two_cards_match_one_process_on_the_global_batch(two_workers, tiny_model
         np.testing.assert_allclose(rank0[key], single[key], rtol=1e-3, atol=5e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_a_failing_worker_fails_the_launcher_and_names_its_log(tiny_model_dir, photos_dir, tmp_path):
     args = run_args(tiny_model_dir, photos_dir, tmp_path / "out", 2)
     args["pretrained_model_name_or_path"] = str(tmp_path / "no-such-model")

@@ -133,6 +133,7 @@ def two_adapters(base_output):
     return unet
 
 
+@pytest.mark.slow
 def test_adapter_weights_merge_and_unmerge_on_unet(two_adapters, base_output):
     unet = two_adapters
     set_adapters(unet, ["a", "b"], [0.0, 0.0])  # weight 0 switches adapters off: the base UNet exactly
@@ -234,6 +235,7 @@ def test_lora_file_that_does_not_fit_is_refused_whole(two_adapters, tmp_path):
 
 # -- DoRA on the UNet ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dora_identity_at_init_save_load_and_merge(base_output, tmp_path):
     config = LoRAConfig(rank=2, use_dora=True)
     unet = _tiny_unet()
@@ -355,3 +357,23 @@ def test_sd15_key_names_of_every_layout(tmp_path):
     keys = list(sc_tuner_named_parameters(unet))
     assert all(re.fullmatch(r"up_blocks\.[0-3]\.resnets\.[0-2]\.scetuner_default\.tuner_op\.ln[12]\.(weight|bias)", k)
                for k in keys) and len(keys) == 48
+
+
+def test_per_module_alphas_survive_the_diffusers_metadata():
+    """diffusers' layout has no alpha tensors: a module whose alpha differs from the common one is
+    carried by `alpha_pattern` in the metadata (peft's suffix rule) and must come back from it."""
+    from mindscedit.tuners.lora.formats import from_diffusers, to_diffusers
+
+    def module(rank, alpha):
+        return LoraModule(np.ones((rank, 4), np.float32), np.ones((4, rank), np.float32), alpha)
+
+    modules = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": module(2, 4.0),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k": module(2, 4.0),
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": module(2, 16.0),
+    }
+    state, metadata = to_diffusers(modules)
+    assert not any(k.endswith(".alpha") for k in state)
+    assert metadata["unet.alpha_pattern"] == {"up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": 16.0}
+    read = from_diffusers(state, metadata)
+    assert {name: m.alpha for name, m in read.items()} == {name: m.alpha for name, m in modules.items()}

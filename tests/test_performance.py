@@ -103,6 +103,7 @@ def plain_run(base_weights):
     ("lora", "shared_blocks"), ("scedit", "shared_blocks"), ("lora", "checkpointed_shared_blocks"),
     ("lora", "all_checkpointed"),
 ])
+@pytest.mark.slow
 def test_optimisations_leave_the_loss_trajectory_and_trained_weights_unchanged(base_weights, plain_run, method_name,
                                                                              optimisation):
     start = {k: v for k, v in train(base_weights, method_name, steps=0)[1].items()}

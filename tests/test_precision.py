@@ -17,6 +17,7 @@ import mindspore as ms
 import pytest
 import yaml
 from mindspore import nn
+from PIL import Image
 
 from mindscedit.bench import BenchCase, run_case
 from mindscedit.config import load_config
@@ -30,6 +31,7 @@ CONFIGS = sorted(os.listdir(os.path.join(REPO, "configs")))
 # One fp16 resume per method (each costs another compile).
 RESUMED = {"sd15_vanilla.yaml", "sd15_lora.yaml", "sd15_scedit.yaml", "sd15_scedit_canny.yaml"}
 STEPS = 3
+VALIDATED = {"sd15_vanilla.yaml", "sd15_scedit_canny.yaml"}
 
 
 def shipped_config(name, model_dir, photos_dir, output_dir, **overrides):
@@ -66,6 +68,12 @@ def trainable_arrays(trainer):
 def test_each_shipped_config_trains_in_its_own_precision(name, tiny_model_dir, photos_dir, tmp_path, ascend_graph):
     file, _, variant = name.partition("+")
     extra = dict(use_dora=True, mixed_precision="fp16") if variant else {}
+    if file in VALIDATED:  # validation images in the run's precision (vanilla: AMP; canny: under a condition)
+        extra.update(validation_prompt=["a photo"], validation_steps=STEPS, num_validation_images=1)
+        if "canny" in file:
+            condition = tmp_path / "edges.png"
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(condition)
+            extra["validation_image"] = [str(condition)]
     config, shipped = shipped_config(file, tiny_model_dir, photos_dir, tmp_path / "run", **extra)
     trainer = Trainer(config).build()
     before = trainable_arrays(trainer)
@@ -80,6 +88,9 @@ def test_each_shipped_config_trains_in_its_own_precision(name, tiny_model_dir, p
         frozen = [p for p in trainer.components.unet.get_parameters() if not p.requires_grad]
         assert frozen and all(p.dtype == ms.float16 for p in frozen)
     assert os.path.isfile(tmp_path / "run" / f"checkpoint-{STEPS}" / "state.json")
+    if file in VALIDATED:
+        (image,) = (tmp_path / "run" / "validation" / f"step_{STEPS}").glob("*seed*.png")
+        assert np.asarray(Image.open(image)).std() > 0
 
     if file in RESUMED:  # a checkpoint saved in this precision resumes where the run was
         checkpoint = tmp_path / "run" / "checkpoint-1"
@@ -103,6 +114,7 @@ BF16_METHODS = ["vanilla", "lora", "scedit", "scedit_control", "controlnet"]
 
 
 @pytest.mark.parametrize("method", BF16_METHODS)
+@pytest.mark.slow
 def test_bf16_step_passes_type_inference(method, ascend_graph):
     row = run_case(BenchCase(method=method, batch_size=1, model="tiny", resolution=64, mixed_precision="bf16",
                              device_target="CPU", compile_only=True))

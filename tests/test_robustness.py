@@ -127,6 +127,7 @@ def saved_params(checkpoint):
     return {key[len("param/"):]: value for key, value in state.items() if key.startswith("param/")}
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_resumes_from_last_complete_checkpoint(killed_run, trainer, caplog):
     out, reference = killed_run
     # The Trainer's one resume: parameters loaded after its graph has run do not reach the graph.
@@ -168,6 +169,7 @@ class NaNPixelsFrom:
             yield batch
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_the_last_good_weights(
     trainer, tmp_path, monkeypatch, caplog
 ):
@@ -309,6 +311,7 @@ def test_cli_model_folder_missing_a_subfolder(tiny_model_dir, tmp_path, capfd):
     assert capfd.readouterr().err.strip().splitlines() == [f"error: model folder {broken} has no 'text_encoder/' subfolder"]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "out"
     cmd = cli_train(tiny_model_dir, data_dir, out, max_train_steps=1000, checkpointing_steps=1000)

@@ -59,6 +59,7 @@ def lora_file(tmp_path_factory):
     return os.path.join(folder, "pytorch_lora_weights.safetensors")
 
 
+@pytest.mark.slow
 def test_same_seed_same_images_and_different_seed_different(base_sampler):
     first = base_sampler(PROMPTS, negative_prompt="blurry", seed=0, **ARGS)
     again = base_sampler(PROMPTS, negative_prompt="blurry", seed=0, **ARGS)
@@ -72,6 +73,7 @@ def test_same_seed_same_images_and_different_seed_different(base_sampler):
     assert [i.info["prompt"] for i in first] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
 
 
+@pytest.mark.slow
 def test_tuner_scale_zero_gives_the_base_model_images(base_sampler, tiny_model_dir, scedit_dir):
     components = load_components(tiny_model_dir)
     apply_sc_tuners(components.unet, scedit_dir, scale=0.0)
@@ -93,6 +95,7 @@ class Spy:
         return self.cell(latents, *args)
 
 
+@pytest.mark.slow
 def test_guidance_one_runs_only_the_conditional_batch(base_sampler, monkeypatch):
     guided, cond = Spy(base_sampler.guided_denoiser), Spy(base_sampler.cond_denoiser)
     monkeypatch.setattr(base_sampler, "guided_denoiser", guided)
@@ -209,6 +212,7 @@ def test_lora_file_loads_with_its_rank_alpha_and_scale(lora_file):
 
 
 @pytest.mark.smoke
+@pytest.mark.slow
 def test_cli_sample_writes_images_and_grids(tiny_vpred_model_dir, scedit_dir, lora_file, tmp_path):
     """End to end on the v-prediction model, with SC-Tuners and LoRA on the UNet and a stochastic scheduler."""
     prompt_file = tmp_path / "prompts.txt"
@@ -237,6 +241,28 @@ def test_cli_sample_writes_images_and_grids(tiny_vpred_model_dir, scedit_dir, lo
     assert bad.returncode == 2 and "--prompt" in bad.stderr
 
 
+@pytest.mark.slow
+def test_cli_sample_in_fp16_is_close_to_fp32(tiny_model_dir, scedit_dir, lora_file, tmp_path):
+    """The Ascend setting: the model in fp16, SC-Tuners and LoRA on their fp32 weights."""
+    images = {}
+    for precision in ("no", "fp16"):
+        out = tmp_path / precision
+        command = [
+            sys.executable, "-m", "mindscedit.cli", "sample", "--pretrained_model_name_or_path", tiny_model_dir,
+            "--scedit", scedit_dir, "--lora", lora_file, "--prompt", "a cat", "--num_inference_steps", "3",
+            "--height", "32", "--width", "32", "--output_dir", str(out), "--device_target", "CPU",
+            "--mixed_precision", precision,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_v="3"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        with Image.open(out / "000-a-cat-seed0.png") as png:
+            images[precision] = np.asarray(png).astype(np.float32) / 255
+    assert images["fp16"].std() > 0.01
+    assert np.abs(images["fp16"] - images["no"]).mean() < 0.02  # fp16 rounding, not another image
+
+
+@pytest.mark.slow
 def test_validation_leaves_the_training_losses_unchanged(tiny_model_dir, photos_dir, tmp_path):
     from mindscedit.config import load_config
     from mindscedit.training.trainer import Trainer

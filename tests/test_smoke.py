@@ -74,6 +74,7 @@ def trained_params(checkpoint):
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("method", sorted(WEIGHTS))
+@pytest.mark.slow
 def test_each_method_trains_through_the_compile_cache(method, tiny_model_dir, photos_dir, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [sys.executable, "-m", "mindscedit.cli", "train", "--method", method,

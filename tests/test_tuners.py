@@ -94,6 +94,7 @@ def test_lora_leaves_unet_unchanged_at_init(base_output):
     np.testing.assert_allclose(unet(*_unet_inputs())[0].asnumpy(), base_output, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sc_tuner_save_load_gives_identical_outputs(tmp_path):
     unet = _fresh_tiny_unet()
     inject_sc_tuners(unet)
@@ -108,6 +109,7 @@ def test_sc_tuner_save_load_gives_identical_outputs(tmp_path):
     np.testing.assert_array_equal(other(*_unet_inputs())[0].asnumpy(), expected)
 
 
+@pytest.mark.slow
 def test_lora_save_load_gives_identical_outputs(tmp_path):
     config = LoRAConfig(rank=2, alpha=4)
     unet = _fresh_tiny_unet()

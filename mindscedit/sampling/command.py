@@ -32,6 +32,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the image is the condition already); one per --control_image, default none")
     parser.add_argument("--control_scale", action="append", default=[], type=float,
                         help="strength of each condition (default 1; 0: no control)")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+                        help="the model's dtype (no: fp32); fp16 is the usual choice on Ascend. Tuners and LoRAs keep "
+                             "their fp32 weights and compute in them")
     parser.add_argument("--device_target", default="auto", choices=["auto", "CPU", "Ascend"])
     parser.add_argument("--output_dir", required=True)
 
@@ -73,13 +76,15 @@ def run_sample(args) -> dict:
             raise UserError(f"--{flag} must be a positive multiple of 8, got {value}")
 
     from ..models import load_components
-    from ..runtime import init_runtime
+    from ..runtime import DTYPES, init_runtime
     from .adapters import apply_csc_tuners, apply_loras, apply_sc_tuners
     from .images import save_images
     from .sampler import Sampler
 
-    init_runtime(args.device_target)
-    components = load_components(args.pretrained_model_name_or_path)
+    runtime = init_runtime(args.device_target)
+    if runtime.device_target == "CPU" and args.mixed_precision == "bf16":
+        raise UserError("--mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel)")
+    components = load_components(args.pretrained_model_name_or_path, DTYPES[args.mixed_precision])
     apply_loras(components.unet, args.lora, args.lora_scale)  # before SC-Tuners wrap the up blocks
     if args.scedit:
         apply_sc_tuners(components.unet, args.scedit, args.tuner_scale)

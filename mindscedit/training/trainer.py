@@ -19,7 +19,7 @@ from ..losses import DiffusionLoss
 from ..models import load_components
 from ..models.fast_layers import apply_fast_layers
 from ..models.graph_sharing import share_repeated_blocks
-from ..runtime import Runtime, init_runtime
+from ..runtime import DTYPES, Runtime, init_runtime
 from .compile_cache import compile_train_step
 from .checkpoint import (
     atomic_folder,
@@ -35,7 +35,6 @@ from .step import build_train_step, lr_schedule, make_optimizer
 
 logger = logging.getLogger("mindscedit")
 
-DTYPES = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
 @dataclass
