@@ -152,22 +152,24 @@ def run_case(case: BenchCase) -> dict:
     ]
     if case.method in CONTROL_METHODS:  # a condition image at full resolution
         condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
+    extra = (condition,) if case.method in CONTROL_METHODS else ()
+    row = dict(  # what every row says of its case, measured or not
+        method=case.method, batch_size=b, model=case.model, resolution=case.resolution, latent_size=size,
+        device=runtime.device_target, jit_level=case.jit_level, mixed_precision=case.mixed_precision,
+        trainable_params=int(num_trainable), unet_params=int(total), trainable_pct=100.0 * num_trainable / total,
+    )
     if case.compile_only:
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
-        compile_front_end(train_step, (*inputs, timesteps) + ((condition,) if case.method in CONTROL_METHODS else ()))
-        return dict(method=case.method, batch_size=b, model=case.model, resolution=case.resolution,
-                    latent_size=size, device=runtime.device_target, jit_level=case.jit_level,
-                    mixed_precision=case.mixed_precision, trainable_params=int(num_trainable), unet_params=int(total),
-                    trainable_pct=100.0 * num_trainable / total, compile_only=True, types="ok",
-                    front_end_s=round(time.perf_counter() - start, 3))
+        compile_front_end(train_step, (*inputs, timesteps, *extra))
+        return dict(row, compile_only=True, types="ok", front_end_s=round(time.perf_counter() - start, 3))
     times, cache, rss_phases = [], None, {}
     settings = {k: v for k, v in asdict(case).items()
                 if k not in ("steps", "warmup", "seed", "compile_cache_dir", "compile_profile")}
     for _ in range(total_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
-        step_inputs = (*inputs, timesteps) + ((condition,) if case.method in CONTROL_METHODS else ())
+        step_inputs = (*inputs, timesteps, *extra)
         if cache is None:  # the first step's time includes this compile, as in training
             rss_phases["rss_before_compile_mib"] = resident_mib()
             cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir, settings)
@@ -178,20 +180,10 @@ def run_case(case: BenchCase) -> dict:
     seconds = statistics.median(times[1 + case.warmup:])
     memory, memory_kind = peak_memory_mib(runtime.device_target)
     return dict(
-        method=case.method,
-        batch_size=b,
-        model=case.model,
-        resolution=case.resolution,
-        latent_size=size,
-        device=runtime.device_target,
-        jit_level=case.jit_level,
-        mixed_precision=case.mixed_precision,
+        row,
         lora_rank=case.lora_rank if case.method == "lora" else None,
         lora_targets=case.lora_targets if case.method == "lora" else None,
         dense_hint_kernel=case.dense_hint_kernel if case.method == "scedit_control" else None,
-        trainable_params=int(num_trainable),
-        unet_params=int(total),
-        trainable_pct=100.0 * num_trainable / total,
         peak_memory_mib=round(memory, 1),
         memory_kind=memory_kind,
         **rss_phases,  # host RSS before and after compiling (the rest of the peak is the steps')
