@@ -306,3 +306,14 @@ def test_validation_prompt_flag_repeats_and_keeps_commas(tiny_model_dir, photos_
     assert load_config(None, dict(base, validation_prompt="a, b")).validation_prompt == ["a, b"]
     with pytest.raises(UserError, match="num_validation_images"):
         load_config(None, dict(base, validation_prompt=["x"], num_validation_images=0))
+
+
+def test_cli_sample_refuses_bf16_on_cpu_in_one_line(tiny_model_dir, tmp_path, capsys):
+    from mindscedit.cli import main
+
+    args = ["sample", "--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "a cat", "--device_target", "CPU",
+            "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel)"]
+    assert not (tmp_path / "out").exists()
