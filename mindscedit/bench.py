@@ -4,7 +4,7 @@ What is timed: the jitted training step of the UNet alone, fed random latents an
 (no VAE, no text encoder, no data loading), as the PyTorch reference measurement does: noise added
 with the SD schedule, the UNet, the epsilon MSE, backward over the method's trainable weights,
 global-norm clipping and AdamW. It is the trainer's own step code (training.methods,
-training.step) on training.network.LatentTrainNet.
+training.step), assembled by training.builder as the trainer assembles it, on the UNet alone.
 
 Each case runs in its own Python process, so one case's memory (and compiled graphs) cannot
 inflate the next one's. Peak memory is the worker's peak RSS on CPU (graph compilation included),
@@ -28,9 +28,9 @@ from typing import List, Optional
 from .errors import UserError
 
 ROW_MARKER = "BENCH_ROW "
-METHOD_NAMES = ("vanilla", "lora", "scedit", "scedit_control", "controlnet")
-CONTROL_METHODS = ("scedit_control", "controlnet")  # take a condition image; controlnet: the baseline
-LORA_TARGETS = ("attn", "attn+ff")
+# Bench flags that set a method's option -> that option (config field); a row gives each for the
+# methods that read it.
+METHOD_ROW_FIELDS = {"lora_rank": "rank", "lora_targets": "lora_target_modules", "dense_hint_kernel": "dense_hint_kernel"}
 TEXT_LENGTH = 77  # CLIP's token count
 
 
@@ -96,51 +96,45 @@ def resident_mib() -> Optional[float]:
         return None
 
 
+def bench_config(case: BenchCase):
+    """The training config of a case: the trainer's settings for what the bench varies."""
+    from .training.config import TrainConfig
+    from .tuners.lora.config import LORA_TARGET_PRESETS
+
+    return TrainConfig(method=case.method, seed=case.seed, rank=case.lora_rank,
+                       lora_target_modules=list(LORA_TARGET_PRESETS[case.lora_targets]),
+                       dense_hint_kernel=case.dense_hint_kernel, mixed_precision=case.mixed_precision,
+                       jit_level=case.jit_level, learning_rate=1e-4, max_grad_norm=1.0,
+                       max_train_steps=1 + case.warmup + case.steps)
+
+
+def method_fields(case: BenchCase, method) -> dict:
+    """The row's method settings: a case's value where the method reads it, None elsewhere."""
+    return {row_key: getattr(case, row_key) if option in method.options else None
+            for row_key, option in METHOD_ROW_FIELDS.items()}
+
+
 def run_case(case: BenchCase) -> dict:
     """Build, compile and time one (method, batch) in this process."""
     import numpy as np
     import mindspore as ms
 
-    from .config import TrainConfig
     from .losses import DiffusionLoss
-    from .models.fast_layers import apply_fast_layers
-    from .models.graph_sharing import share_repeated_blocks
-    from .runtime import DTYPES, init_runtime
-    from .training.methods import apply_unet_precision, freeze_all_but, get_method
-    from .training.network import LatentTrainNet
+    from .runtime import init_runtime
+    from .training.builder import build_step
     from .training.compile_cache import compile_train_step
-    from .training.step import build_train_step, compile_front_end, lr_schedule, make_optimizer
-    from .tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
+    from .training.methods import get_method
+    from .training.step import compile_front_end, lr_schedule
 
     runtime = init_runtime(case.device_target)
     ms.set_seed(case.seed)  # the same random UNet in every run
     unet, alphas_cumprod, vae_factor = build_model(case.model)
     total = sum(p.size for p in unet.get_parameters())
-    targets = ATTENTION_TARGETS + (FEED_FORWARD_TARGETS if case.lora_targets == "attn+ff" else [])
-    ms.set_seed(case.seed)
-    if case.method == "controlnet":
-        from .models.controlnet import ControlNetUNet
-
-        controlled = ControlNetUNet(unet)
-        trainable = list(controlled.controlnet.get_parameters())
-        freeze_all_but((controlled,), trainable)
-    else:
-        method = get_method(TrainConfig(method=case.method, rank=case.lora_rank, lora_target_modules=targets,
-                                        dense_hint_kernel=case.dense_hint_kernel))
-        trainable = method.prepare(unet)
-        controlled = method.controlled_unet
-        freeze_all_but((unet,), trainable)
-    apply_unet_precision(unet, trainable, case.method, DTYPES[case.mixed_precision])
-    apply_fast_layers(unet)  # as the trainer does
-    if case.method == "controlnet":  # the baseline's own attention layers get the same treatment
-        apply_fast_layers(controlled.controlnet)
-    num_trainable = sum(p.size for p in trainable)
-
-    total_steps = 1 + case.warmup + case.steps
-    network = LatentTrainNet(unet, DiffusionLoss(alphas_cumprod, "epsilon"), controlled)
-    share_repeated_blocks(network)  # as the trainer does
-    optimizer = make_optimizer(trainable, lr_schedule(1e-4, "constant", 0, total_steps))
-    train_step = build_train_step(network, optimizer, case.mixed_precision, 1.0, 1, case.jit_level)
+    config = bench_config(case)
+    method = get_method(config)
+    lrs = lr_schedule(config.learning_rate, "constant", 0, config.max_train_steps)
+    built = build_step(config, method, unet, DiffusionLoss(alphas_cumprod, "epsilon"), lrs)
+    train_step, num_trainable = built.train_step, sum(p.size for p in built.trainable)
 
     rng = np.random.default_rng(case.seed)
     size = case.resolution // vae_factor
@@ -150,9 +144,9 @@ def run_case(case: BenchCase) -> dict:
         ms.Tensor(rng.standard_normal((b, TEXT_LENGTH, unet.config.cross_attention_dim), dtype=np.float32)),
         ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # noise
     ]
-    if case.method in CONTROL_METHODS:  # a condition image at full resolution
-        condition = ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32))
-    extra = (condition,) if case.method in CONTROL_METHODS else ()
+    extra = ()
+    if method.takes_condition:  # a condition image at full resolution
+        extra = (ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32)),)
     row = dict(  # what every row says of its case, measured or not
         method=case.method, batch_size=b, model=case.model, resolution=case.resolution, latent_size=size,
         device=runtime.device_target, jit_level=case.jit_level, mixed_precision=case.mixed_precision,
@@ -164,15 +158,13 @@ def run_case(case: BenchCase) -> dict:
         compile_front_end(train_step, (*inputs, timesteps, *extra))
         return dict(row, compile_only=True, types="ok", front_end_s=round(time.perf_counter() - start, 3))
     times, cache, rss_phases = [], None, {}
-    settings = {k: v for k, v in asdict(case).items()
-                if k not in ("steps", "warmup", "seed", "compile_cache_dir", "compile_profile")}
-    for _ in range(total_steps):
+    for _ in range(config.max_train_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
         step_inputs = (*inputs, timesteps, *extra)
         if cache is None:  # the first step's time includes this compile, as in training
             rss_phases["rss_before_compile_mib"] = resident_mib()
-            cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir, settings)
+            cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir)
             rss_phases["rss_after_compile_mib"] = resident_mib()
             graph_seconds = time.perf_counter() - start  # compiled or loaded; the first run follows
         loss = float(train_step(*step_inputs)[1].asnumpy())  # asnumpy waits for the step to finish
@@ -181,9 +173,7 @@ def run_case(case: BenchCase) -> dict:
     memory, memory_kind = peak_memory_mib(runtime.device_target)
     return dict(
         row,
-        lora_rank=case.lora_rank if case.method == "lora" else None,
-        lora_targets=case.lora_targets if case.method == "lora" else None,
-        dense_hint_kernel=case.dense_hint_kernel if case.method == "scedit_control" else None,
+        **method_fields(case, method),
         peak_memory_mib=round(memory, 1),
         memory_kind=memory_kind,
         **rss_phases,  # host RSS before and after compiling (the rest of the peak is the steps')
@@ -297,10 +287,9 @@ def _int_list(flag: str, value: str) -> List[int]:
 
 
 def cases_from_args(args) -> List[BenchCase]:
-    from .config import BF16_ON_CPU, FP16_ON_CPU
     from .models import UNET_PRESETS
     from .models.loading import check_model_folder
-    from .runtime import detect_device
+    from .runtime import BF16_ON_CPU, FP16_ON_CPU, detect_device
 
     if bool(args.pretrained_model_name_or_path) == bool(args.model_config):
         raise UserError("give one of --pretrained_model_name_or_path or --model_config")
@@ -308,10 +297,12 @@ def cases_from_args(args) -> List[BenchCase]:
         raise UserError(f"--model_config: '{args.model_config}' is not one of {', '.join(UNET_PRESETS)}")
     if args.pretrained_model_name_or_path:
         check_model_folder(args.pretrained_model_name_or_path, ("unet", "scheduler", "vae"))
+    from .training.methods import METHODS
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHOD_NAMES:
-            raise UserError(f"--methods: '{m}' is not one of {', '.join(METHOD_NAMES)}")
+        if m not in METHODS:
+            raise UserError(f"--methods: '{m}' is not one of {', '.join(METHODS)}")
     if args.resolution < 8 or args.resolution % 8:
         raise UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.steps < 1 or args.warmup < 0 or args.lora_rank < 1:
@@ -340,13 +331,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--pretrained_model_name_or_path", help="a diffusers folder (its unet/ and scheduler/)")
     model.add_argument("--model_config", help="a UNet config with random weights: sd15, sd21, mid or tiny")
-    parser.add_argument("--methods", default="vanilla,lora,scedit")
+    parser.add_argument("--methods", default="vanilla,lora,scedit",
+                        help="comma list of vanilla, lora, scedit, scedit_control, controlnet (the ControlNet baseline)")
     parser.add_argument("--batch_sizes", default="1")
     parser.add_argument("--resolution", type=int, default=512, help="image side; latents are 1/8 of it")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
     parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--lora_targets", default="attn+ff", choices=LORA_TARGETS)
+    parser.add_argument("--lora_targets", default="attn+ff", choices=["attn", "attn+ff"],
+                        help="attention projections, or those and the feed-forward layers")
     parser.add_argument("--dense_hint_kernel", type=int, default=3, choices=[1, 3], help="scedit_control")
     parser.add_argument("--jit_level", default="O0", choices=["O0", "O1", "O2"])
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])

@@ -11,17 +11,21 @@ import sys
 
 from .errors import UserError
 
+
 def _setup_logging():
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's own log: errors only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def cmd_train(args, extra):
-    from .config import check_unknown_flags, load_config
+def config_overrides(args) -> dict:
+    """The config keys given as train flags."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "subparser")}
 
-    check_unknown_flags(extra)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    config = load_config(args.config, overrides)
+
+def cmd_train(args):
+    from .training.config import load_config
+
+    config = load_config(args.config, config_overrides(args))
     from .training.compile_cache import allow_in_this_process
     from .training.trainer import Trainer
 
@@ -44,11 +48,9 @@ def cmd_train(args, extra):
     return 1 if result.diverged else 0
 
 
-def cmd_check_data(args, extra):
-    from .config import check_unknown_flags
+def cmd_check_data(args):
     from .data.check import check_dataset
 
-    check_unknown_flags(extra)
     if args.resolution is not None and args.resolution <= 0:
         raise UserError(f"--resolution must be positive, got {args.resolution}")
     report = check_dataset(args.path, args.image_column, args.caption_column, args.resolution)
@@ -58,16 +60,14 @@ def cmd_check_data(args, extra):
     return 1 if report.problems else 0
 
 
-def cmd_annotate(args, extra):
+def cmd_annotate(args):
     """Preview a built-in condition: the image as the CSC-Tuner will see it."""
     import numpy as np
     from PIL import Image
 
-    from .config import check_unknown_flags
     from .data.conditions import annotate
     from .data.transforms import decode_image, to_rgb
 
-    check_unknown_flags(extra)
     image = to_rgb(decode_image(args.input, args.input))
     if args.resolution:
         scale = args.resolution / min(image.size)
@@ -78,52 +78,44 @@ def cmd_annotate(args, extra):
     print(f"{args.type} condition written to {args.output}")
 
 
-def cmd_make_tiny_model(args, extra):
-    from .config import check_unknown_flags
+def cmd_make_tiny_model(args):
     from .models import make_tiny_model
 
-    check_unknown_flags(extra)
     make_tiny_model(args.output_dir, prediction_type=args.prediction_type, seed=args.seed)
     print(f"tiny {args.prediction_type} pipeline written to {args.output_dir}")
 
 
-def cmd_sample(args, extra):
-    from .config import check_unknown_flags
+def cmd_sample(args):
     from .sampling.command import run_sample
 
-    check_unknown_flags(extra)
     written = run_sample(args)
     print(f"wrote {len(written['images'])} images and {len(written['grids'])} grids to {args.output_dir}")
 
 
-def cmd_bench(args, extra):
+def cmd_bench(args):
     from .bench import run_bench
-    from .config import check_unknown_flags
 
-    check_unknown_flags(extra)
     rows = run_bench(args)
     return 1 if any("error" in row for row in rows) else 0  # a case that crashed (e.g. out of memory)
 
 
-def cmd_convert(args, extra):
-    from .config import check_unknown_flags
+def cmd_convert(args):
     from .convert import convert
 
-    check_unknown_flags(extra)
     written = convert(args.src_format, args.dst_format, args.input, args.output, args.resnets_per_block)
     print(f"{args.src_format} -> {args.dst_format}: wrote {written}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_flags
+    from .training.config import add_config_flags
 
     parser = argparse.ArgumentParser(prog="mindscedit", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="fine-tune with vanilla, LoRA or SCEdit", allow_abbrev=False)
+    train = sub.add_parser("train", help="fine-tune the UNet (vanilla), LoRA/DoRA, SC-Tuners or a CSC-Tuner", allow_abbrev=False)
     train.add_argument("--config", help="YAML file; flags override its keys")
     add_config_flags(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, subparser=train)
 
     from .data.conditions import ANNOTATORS
 
@@ -136,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--low_threshold", type=int, default=100, help="canny")
     annotate.add_argument("--high_threshold", type=int, default=200, help="canny")
     annotate.add_argument("--seed", type=int, default=0, help="inpainting mask")
-    annotate.set_defaults(func=cmd_annotate)
+    annotate.set_defaults(func=cmd_annotate, subparser=annotate)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD pipeline (diffusers format)",
                           allow_abbrev=False)
     tiny.add_argument("output_dir")
     tiny.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=cmd_make_tiny_model)
+    tiny.set_defaults(func=cmd_make_tiny_model, subparser=tiny)
 
     check = sub.add_parser("check-data", help="report every problem in a dataset without training",
                            allow_abbrev=False)
@@ -151,20 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--image_column", default="image")
     check.add_argument("--caption_column", default="text")
     check.add_argument("--resolution", type=int, help="also flag images smaller than this")
-    check.set_defaults(func=cmd_check_data)
+    check.set_defaults(func=cmd_check_data, subparser=check)
 
     from .sampling.command import add_sample_arguments
 
     sample = sub.add_parser("sample", help="text-to-image with a model folder and trained weights", allow_abbrev=False)
     add_sample_arguments(sample)
-    sample.set_defaults(func=cmd_sample)
+    sample.set_defaults(func=cmd_sample, subparser=sample)
 
     from .bench import add_bench_arguments
 
     bench = sub.add_parser("bench", help="time and measure the UNet training step of each method",
                            allow_abbrev=False)
     add_bench_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=cmd_bench, subparser=bench)
 
     from .convert import FORMATS
 
@@ -176,8 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output", help="folder (or .safetensors file) to write")
     conv.add_argument("--resnets_per_block", type=int, default=3,
                       help="scepter -> swift: resnets per UNet up block (3 for SD1.x/2.x/SDXL)")
-    conv.set_defaults(func=cmd_convert)
+    conv.set_defaults(func=cmd_convert, subparser=conv)
     return parser
+
+
+def reject_unknown_arguments(extra, subparser) -> None:
+    """One line for the first argument the command does not take, with the closest flag it does."""
+    import difflib
+
+    known = [option[2:] for action in subparser._actions for option in action.option_strings
+             if option.startswith("--")]
+    for arg in extra:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            raise UserError(f"unknown flag --{key}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise UserError(f"unexpected argument '{arg}'")
 
 
 def main(argv=None) -> int:
@@ -185,7 +191,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        return args.func(args, extra) or 0
+        reject_unknown_arguments(extra, args.subparser)
+        return args.func(args) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

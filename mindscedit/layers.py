@@ -1,20 +1,22 @@
-"""Small Cells shared by the tuners and the UNet's CPU rewrites (models/fast_layers.py)."""
+"""Small Cells shared by the tuners and the UNet's CPU rewrites (models/cpu_rewrites.py)."""
 import math
 import os
 
 import mindspore as ms
 from mindspore import nn, ops
 
-CPU_WORKAROUNDS_ENV = "MINDSCEDIT_FAST_LAYERS"
+CPU_WORKAROUNDS_ENV = "MINDSCEDIT_CPU_REWRITES"
+OLD_CPU_WORKAROUNDS_ENV = "MINDSCEDIT_FAST_LAYERS"  # its earlier name, still read
 
 
 def cpu_kernel_workarounds() -> bool:
     """The one switch for every rewrite that works around MindSpore's CPU kernels (the index
     memory of broadcasts and transposes, attention without a fused kernel): on for a CPU
     context, off on Ascend, where mindone's and MindSpore's own layers (flash attention) run.
-    MINDSCEDIT_FAST_LAYERS=0 turns the rewrites off on CPU too (A/B runs, and running the
+    MINDSCEDIT_CPU_REWRITES=0 turns the rewrites off on CPU too (A/B runs, and running the
     Ascend-shaped graph on CPU)."""
-    return ms.get_context("device_target") == "CPU" and os.environ.get(CPU_WORKAROUNDS_ENV, "1") != "0"
+    setting = os.environ.get(CPU_WORKAROUNDS_ENV, os.environ.get(OLD_CPU_WORKAROUNDS_ENV, "1"))
+    return ms.get_context("device_target") == "CPU" and setting != "0"
 
 
 SQRT_HALF = math.sqrt(0.5)

@@ -1,5 +1,7 @@
 """MindSpore context: device, graph mode, jit level and data-parallel setup."""
+import contextlib
 import glob
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -10,8 +12,26 @@ from .errors import UserError
 
 logger = logging.getLogger("mindscedit")
 
+
+def _import_mindone_quietly() -> None:
+    """mindone's flash-attention module prints a line to stdout when first imported (from
+    mindone.transformers and mindone's training utilities): import it once here, silenced, so
+    that line stays out of every command's output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            import mindone.models.modules.flash_attention  # noqa: F401
+        except ImportError:
+            pass
+
+
+_import_mindone_quietly()
+
 # The compute dtype of each `mixed_precision` setting (training, sampling, bench).
 DTYPES = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+# fp16 runs on CPU (slowly: a check of the Ascend dtype path); bf16 does not.
+BF16_ON_CPU = ("mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel); "
+               "check a bf16 step's types on CPU with: mindscedit bench --mixed_precision bf16 --compile_only")
+FP16_ON_CPU = "mixed_precision fp16 on CPU: for checking the Ascend dtype path, not for speed"
 
 
 @dataclass

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mindscedit.cli import main
-from mindscedit.config import load_config, validate
+from mindscedit.training.config import load_config, validate
 from mindscedit.errors import ModelFolderError, UserError
 from mindscedit.models import check_model_folder
 
@@ -24,9 +24,30 @@ def test_yaml_then_flags(tmp_path):
     assert config.center_crop and config.random_flip and config.lora_target_modules == ["to_q", "to_v"]
 
 
+def test_method_and_optimizer_options_may_be_grouped_in_yaml_sections(tmp_path):
+    grouped, flat = tmp_path / "grouped.yaml", tmp_path / "flat.yaml"
+    grouped.write_text("method: lora\nlora:\n  rank: 8\n  alpha: 16\n  target_modules: [to_q, to_v]\n"
+                       "  use_dora: true\nscedit:\n  down_ratio: 0.5\ncontrol:\n  type: color\n"
+                       "  dense_hint_kernel: 1\nadamw:\n  beta2: 0.99\n  weight_decay: 0.0\n")
+    flat.write_text("method: lora\nrank: 8\nlora_alpha: 16\nlora_target_modules: [to_q, to_v]\nuse_dora: true\n"
+                    "down_ratio: 0.5\ncontrol_type: color\ndense_hint_kernel: 1\nadam_beta2: 0.99\n"
+                    "adam_weight_decay: 0.0\n")
+    assert load_config(str(grouped), BASE) == load_config(str(flat), BASE)
+    assert load_config(str(grouped), dict(BASE, rank="4")).rank == 4  # a flag still overrides a section key
+
+
 @pytest.mark.parametrize(
     "yaml_text,overrides,message",
     [
+        ("lora:\n  rnk: 8\n", {}, r"unknown key 'rnk' in section 'lora' \(known: rank, alpha, target_modules, "
+                                   r"use_dora\) \(did you mean 'rank'\?\)"),
+        ("rank: 4\nlora:\n  rank: 8\n", {}, r"'lora.rank' and 'rank' both set"),
+        ("lora:\n  rank: 8\nrank: 4\n", {}, r"'rank' set both in a section and at the top"),
+        ("lora:\n  alpha: big\n", {}, r"lora: 'lora_alpha' must be a number, got 'big'"),
+        ("", {"optimizer": "sgd"}, r"optimizer: 'sgd' is not one of adamw"),
+        ("", {"seed": "-5"}, r"seed must be >= 0, got -5"),
+        ("method: scedit_control\n", {"canny_low_threshold": "250"},
+         r"canny_low_threshold \(250\) is above canny_high_threshold \(200\)"),
         ("lerning_rate: 1.0e-4\n", {}, r"unknown key 'lerning_rate' \(did you mean 'learning_rate'\?\)"),
         ("", {"max_train_step": "5"}, r"unknown flag --max_train_step \(did you mean 'max_train_steps'\?\)"),
         ("rank: four\n", {}, r"'rank' must be an integer, got 'four'"),
@@ -43,6 +64,13 @@ def test_bad_config_names_the_culprit(tmp_path, yaml_text, overrides, message):
     with pytest.raises(UserError, match=message) as info:
         load_config(str(path), dict(BASE, **overrides))
     assert "\n" not in str(info.value)
+
+
+def test_a_value_flag_given_without_its_value_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output_dir"])
+    assert exit_info.value.code == 2
+    assert "argument --output_dir: expected one argument" in capsys.readouterr().err
 
 
 def test_ascend_only_settings_are_refused_on_cpu():

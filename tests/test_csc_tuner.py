@@ -141,7 +141,7 @@ def test_builtin_annotators():
 
 
 def _control_config(model_dir, data_dir, output_dir, **overrides):
-    from mindscedit.config import load_config
+    from mindscedit.training.config import load_config
 
     values = dict(method="scedit_control", control_type="canny", pretrained_model_name_or_path=model_dir,
                   train_data_dir=data_dir, output_dir=str(output_dir), resolution=64, center_crop=True,
@@ -244,7 +244,7 @@ def test_condition_that_does_not_fit_names_the_row(photos_dir, tmp_path):
 
 
 def test_control_type_without_annotator_needs_a_column():
-    from mindscedit.config import load_config
+    from mindscedit.training.config import load_config
     from mindscedit.errors import UserError
 
     base = dict(method="scedit_control", pretrained_model_name_or_path="m", train_data_dir="d")
@@ -269,3 +269,31 @@ def test_sampling_with_control_scale_zero_is_the_base_model(tiny_model_dir):
     on, _ = controlled.sample_latents(args["prompts"], None, 2, 3.0, 0, 64, 64, 1, False, [condition], [1.0], 1.0)
     np.testing.assert_array_equal(off.asnumpy(), base.asnumpy())
     assert np.abs(on.asnumpy() - base.asnumpy()).max() > 1e-4
+
+
+def test_controlled_unet_follows_the_unets_own_forward_with_added_embeddings():
+    """A UNet with SDXL's added embeddings (text_time: pooled text and time ids): with its
+    CSC-Tuner at scale 0 the controlled forward is the UNet's own, and the tuner's control reaches
+    the output otherwise."""
+    from mindscedit.models.presets import TINY_UNET
+
+    ms.set_seed(0)
+    config = dict(TINY_UNET, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=32 + 6 * 8)
+    unet = build_unet(config)
+    rng = np.random.default_rng(0)
+    x, t, text = _inputs(rng)
+    added = {"text_embeds": ms.Tensor(rng.standard_normal((2, 32)).astype(np.float32)),
+             "time_ids": ms.Tensor(np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (2, 1)))}
+    expected = unet(x, t, text, added_cond_kwargs=added)[0].asnumpy()
+    tuner = build_csc_tuner(unet)
+    _randomise(tuner, rng)
+    controlled = ControlledUNet(unet, {"canny": tuner})
+    condition = (ms.Tensor(rng.uniform(0, 1, (2, 3, 64, 64)).astype(np.float32)),)
+    off = controlled(x, t, text, condition, ms.Tensor([1.0], ms.float32), _scalar(0.0), added).asnumpy()
+    np.testing.assert_allclose(off, expected, rtol=1e-5, atol=1e-5)
+    on = controlled(x, t, text, condition, ms.Tensor([1.0], ms.float32), _scalar(1.0), added).asnumpy()
+    assert np.abs(on - expected).max() > 1e-3
+    other_time_ids = controlled(x, t, text, condition, ms.Tensor([1.0], ms.float32), _scalar(0.0),
+                                  dict(added, time_ids=added["time_ids"] * 2)).asnumpy()
+    assert np.abs(other_time_ids - expected).max() > 1e-4  # the added embeddings do reach the UNet

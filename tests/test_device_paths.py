@@ -8,7 +8,7 @@ from mindspore import nn
 
 from mindscedit.layers import ExactGELU
 from mindscedit.models import build_unet, unet_preset
-from mindscedit.models.fast_layers import CoreAttnProcessor, apply_fast_layers
+from mindscedit.models.cpu_rewrites import CoreAttnProcessor, apply_cpu_rewrites
 from mindscedit.models.graph_sharing import block_key
 from mindscedit.training.compile_cache import graph_key
 from mindscedit.tuners.sc_tuner.layer import SCEAdapter
@@ -23,7 +23,7 @@ def ascend_context(monkeypatch):
 def test_cpu_rewrites_are_off_on_ascend(ascend_context):
     unet = build_unet(unet_preset("tiny"))
     classes = [type(c) for _, c in unet.cells_and_names()]
-    assert apply_fast_layers(unet) == 0
+    assert apply_cpu_rewrites(unet) == 0
     assert [type(c) for _, c in unet.cells_and_names()] == classes  # every layer is mindone's own
     assert not any(isinstance(getattr(c, "processor", None), CoreAttnProcessor) for _, c in unet.cells_and_names())
     adapter = SCEAdapter(8)
@@ -31,10 +31,10 @@ def test_cpu_rewrites_are_off_on_ascend(ascend_context):
 
 
 def test_cpu_rewrites_are_on_on_cpu_unless_switched_off(monkeypatch):
-    assert apply_fast_layers(build_unet(unet_preset("tiny"))) > 0
+    assert apply_cpu_rewrites(build_unet(unet_preset("tiny"))) > 0
     assert SCEAdapter(8).image_layout and isinstance(SCEAdapter(8).activate, ExactGELU)
-    monkeypatch.setenv("MINDSCEDIT_FAST_LAYERS", "0")
-    assert apply_fast_layers(build_unet(unet_preset("tiny"))) == 0
+    monkeypatch.setenv("MINDSCEDIT_CPU_REWRITES", "0")
+    assert apply_cpu_rewrites(build_unet(unet_preset("tiny"))) == 0
     assert not SCEAdapter(8).image_layout
 
 
@@ -51,7 +51,7 @@ class AdapterLoss(nn.Cell):
 def test_sc_tuner_plain_path_matches_the_cpu_path(dtype, monkeypatch):
     rng = np.random.default_rng(0)
     cpu_shaped = SCEAdapter(16, down_ratio=0.5)
-    monkeypatch.setenv("MINDSCEDIT_FAST_LAYERS", "0")
+    monkeypatch.setenv("MINDSCEDIT_CPU_REWRITES", "0")
     plain = SCEAdapter(16, down_ratio=0.5)
     assert cpu_shaped.image_layout and not plain.image_layout
     for (_, a), (_, b) in zip(cpu_shaped.parameters_and_names(), plain.parameters_and_names()):
@@ -94,7 +94,43 @@ def test_compile_cache_key_includes_the_sharing_policy(monkeypatch):
     keys = {}
     for policy in ("front", "0"):
         monkeypatch.setenv("MINDSCEDIT_SHARE_GRAPHS", policy)
-        keys[policy] = graph_key(step, inputs, {})
+        keys[policy] = graph_key(step, inputs)
     assert keys["front"] != keys["0"]
     monkeypatch.setenv("MINDSCEDIT_SHARE_GRAPHS", "front")
-    assert graph_key(step, inputs, {}) == keys["front"]
+    assert graph_key(step, inputs) == keys["front"]
+
+
+def _tiny_step_key(**settings):
+    """The compile-cache key of the tiny UNet's train step built for a config (nothing compiled)."""
+    from mindscedit.losses import DiffusionLoss
+    from mindscedit.models.presets import SD_SCHEDULER
+    from mindscedit.training.builder import build_step
+    from mindscedit.training.config import TrainConfig
+    from mindscedit.training.methods import get_method
+    from mindscedit.training.step import lr_schedule
+    from mindone.diffusers import DDPMScheduler
+
+    config = TrainConfig(**settings)
+    unet = build_unet(unet_preset("tiny"))
+    alphas = DDPMScheduler(**SD_SCHEDULER).alphas_cumprod.asnumpy()
+    loss = DiffusionLoss(alphas, config.prediction_type or "epsilon", config.snr_gamma)
+    built = build_step(config, get_method(config), unet, loss, lr_schedule(1e-4, "constant", 0, config.max_train_steps))
+    inputs = (ms.Tensor(np.zeros((1, 4, 8, 8), np.float32)), ms.Tensor(np.zeros((1, 77, 32), np.float32)),
+              ms.Tensor(np.zeros((1, 4, 8, 8), np.float32)), ms.Tensor(np.zeros((1,), np.int32)))
+    return graph_key(built.train_step, inputs)
+
+
+def test_compile_cache_key_follows_what_the_step_is_built_from():
+    """No hand-kept list: settings that never reach the graph leave the key alone, every one that
+    shapes it changes it."""
+    base = dict(method="vanilla", max_train_steps=4)
+    key = _tiny_step_key(**base)
+    # The learning rates are a Parameter's values; AdamW's betas are tensor constants of the graph.
+    outside_the_graph = dict(output_dir="elsewhere", seed=3, noise_offset=0.1, logging_steps=7, learning_rate=1e-3,
+                             lr_scheduler="cosine", train_data_dir="d", validation_prompt=["a cat"])
+    assert _tiny_step_key(**base, **outside_the_graph) == key
+    for in_the_graph in (dict(mixed_precision="bf16"), dict(mixed_precision="fp16"), dict(max_grad_norm=None),
+                         dict(snr_gamma=5.0), dict(prediction_type="v_prediction"), dict(jit_level="O1"),
+                         dict(gradient_checkpointing=True), dict(max_train_steps=5), dict(method="scedit"),
+                         dict(adam_beta1=0.8)):
+        assert _tiny_step_key(**dict(base, **in_the_graph)) != key, in_the_graph

@@ -11,7 +11,7 @@ import mindspore as ms
 import pytest
 from safetensors.numpy import load_file
 
-from mindscedit.config import load_config
+from mindscedit.training.config import load_config
 from mindscedit.errors import UserError
 from mindscedit.runtime import Runtime, init_runtime
 from mindscedit.training.trainer import Trainer

@@ -1,28 +1,29 @@
 """Speed/memory optimisations change no numbers: same losses, same trained weights, same keys.
 
-Each method trains the tiny UNet a few steps with the training step code (LatentTrainNet,
-build_train_step) from identical weights and inputs, once as mindone builds it and once with an
-optimisation (`apply_fast_layers`, `share_repeated_blocks`); loss trajectories and the trained
-weights must agree to fp32 rounding.
+Each method trains the tiny UNet a few steps with the trainer's step (training.builder) from
+identical weights and inputs, once as mindone builds it and once with an optimisation
+(`apply_cpu_rewrites`, `share_repeated_blocks`); loss trajectories and the trained weights must
+agree to fp32 rounding.
 """
 import math
 
 import numpy as np
 import pytest
 import mindspore as ms
+from mindone.diffusers.models.attention_processor import Attention
 from mindone.diffusers.models.resnet import ResnetBlock2D
 from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from mindscedit.config import TrainConfig
+from mindscedit.training.config import TrainConfig
 from mindscedit.layers import ExactGELU, dense_to_image, dense_to_tokens, swap_leading_axes
 from mindscedit.losses import DiffusionLoss
 from mindscedit.models import build_unet, unet_preset
-from mindscedit.models.fast_layers import (AttentionCore, BiasAddResnetBlock2D, CoreAttnProcessor,
-                                          TokenProjTransformer2DModel, apply_fast_layers, merge_heads, split_heads)
+from mindscedit.models.cpu_rewrites import (AttentionCore, BiasAddResnetBlock2D, CoreAttnProcessor,
+                                          TokenProjTransformer2DModel, apply_cpu_rewrites, merge_heads, split_heads)
 from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
-from mindscedit.training.methods import freeze_all_but, get_method
-from mindscedit.training.network import LatentTrainNet
-from mindscedit.training.step import build_train_step, lr_schedule, make_optimizer
+from mindscedit.training.builder import build_step
+from mindscedit.training.methods import get_method
+from mindscedit.training.step import lr_schedule
 from mindscedit.tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
 
 STEPS = 4
@@ -45,34 +46,35 @@ def fresh_unet(weights):
 
 
 def train(weights, method_name, optimisation=None, steps=STEPS):
-    """(losses, {param name: trained value}) after `steps` steps of `method_name`."""
-    unet = fresh_unet(weights)
-    if optimisation == "fast_layers":
-        assert apply_fast_layers(unet) > 0
-    method = get_method(TrainConfig(method=method_name, rank=4,
-                                    lora_target_modules=ATTENTION_TARGETS + FEED_FORWARD_TARGETS))
-    ms.set_seed(1)  # same tuner / LoRA initialisation in both runs
-    trainable = method.prepare(unet)
-    freeze_all_but((unet,), trainable)
-    if optimisation == "all_checkpointed":  # everything, in the trainer's order
-        assert apply_fast_layers(unet) > 0
-    if optimisation in ("checkpointed_shared_blocks", "all_checkpointed"):  # recomputed blocks that share a graph
-        unet.enable_gradient_checkpointing()
-    if optimisation in ("shared_blocks", "checkpointed_shared_blocks", "all_checkpointed"):  # once final
-        assert share_repeated_blocks(unet) > 0
-    if method_name == "scedit":  # zero-initialised ln2 would hide the encoder path: start non-trivially
-        for p in trainable:
-            p.set_data(ms.Tensor(np.random.default_rng(2).normal(0, 0.05, p.shape).astype(np.float32)))
+    """(losses, {param name: trained value}) after `steps` steps of `method_name`, the step built
+    by the trainer's builder with the optimisation(s) named on and the others off."""
     from mindone.diffusers import DDPMScheduler
     from mindscedit.models.presets import SD_SCHEDULER
 
+    unet = fresh_unet(weights)
+    config = TrainConfig(method=method_name, rank=4, lora_target_modules=ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
+                         seed=1,  # same tuner / LoRA initialisation in every run
+                         gradient_checkpointing=optimisation in ("checkpointed_shared_blocks", "all_checkpointed"))
+
+    def start_scedit_non_trivially(trainable):  # zero-initialised ln2 would hide the encoder path
+        if method_name == "scedit":
+            for p in trainable:
+                p.set_data(ms.Tensor(np.random.default_rng(2).normal(0, 0.05, p.shape).astype(np.float32)))
+
     alphas = DDPMScheduler(**SD_SCHEDULER).alphas_cumprod.asnumpy()
-    network = LatentTrainNet(unet, DiffusionLoss(alphas, "epsilon"))
-    optimizer = make_optimizer(trainable, lr_schedule(1e-3, "constant", 0, STEPS))
+    built = build_step(config, get_method(config), unet, DiffusionLoss(alphas, "epsilon"),
+                       lr_schedule(1e-3, "constant", 0, STEPS),
+                       cpu_rewrites=optimisation in ("cpu_rewrites", "all_checkpointed"),
+                       share_blocks=optimisation in ("shared_blocks", "checkpointed_shared_blocks", "all_checkpointed"),
+                       on_prepared=start_scedit_non_trivially)
+    rewritten = any(isinstance(c, Attention) and type(c.processor) is CoreAttnProcessor for _, c in unet.cells_and_names())
+    assert rewritten == (optimisation in ("cpu_rewrites", "all_checkpointed"))
+    shared = any(hasattr(c, "cell_init_args") for _, c in unet.cells_and_names() if isinstance(c, REPEATED_BLOCKS))
+    assert shared == (optimisation in ("shared_blocks", "checkpointed_shared_blocks", "all_checkpointed"))
     names = {id(p): name for name, p in unet.parameters_and_names()}
+    trainable, step = built.trainable, built.train_step
     if steps == 0:
         return np.array([]), {names[id(p)]: p.asnumpy() for p in trainable}
-    step = build_train_step(network, optimizer, "no", 1.0, 1, "O0")
     rng = np.random.default_rng(0)
     size, ctx = 8, unet.config.cross_attention_dim
     losses = []
@@ -99,7 +101,7 @@ def plain_run(base_weights):
 
 
 @pytest.mark.parametrize("method_name, optimisation", [
-    ("lora", "fast_layers"), ("scedit", "fast_layers"),  # LoRA: backward through every block
+    ("lora", "cpu_rewrites"), ("scedit", "cpu_rewrites"),  # LoRA: backward through every block
     ("lora", "shared_blocks"), ("scedit", "shared_blocks"), ("lora", "checkpointed_shared_blocks"),
     ("lora", "all_checkpointed"),
 ])
@@ -131,14 +133,14 @@ def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention_and_
     resnets = [c for _, c in unet.cells_and_names() if isinstance(c, ResnetBlock2D)]
     transformers = [c for _, c in unet.cells_and_names() if isinstance(c, Transformer2DModel)]
     assert attentions and gated and resnets and transformers
-    assert apply_fast_layers(unet) == len(attentions) + len(gated) + len(resnets) + len(transformers)
+    assert apply_cpu_rewrites(unet) == len(attentions) + len(gated) + len(resnets) + len(transformers)
     assert [name for name, _ in unet.parameters_and_names()] == keys
     assert all(isinstance(a.processor, CoreAttnProcessor) and isinstance(a.attention_core, AttentionCore)
                for a in attentions)
     assert all(isinstance(g.gelu, ExactGELU) for g in gated)
     assert all(type(r) is BiasAddResnetBlock2D for r in resnets)
     assert all(type(t) is TokenProjTransformer2DModel for t in transformers)
-    assert apply_fast_layers(unet) == 0  # idempotent
+    assert apply_cpu_rewrites(unet) == 0  # idempotent
 
 
 class SquaredOutput(ms.nn.Cell):
@@ -192,7 +194,7 @@ def test_token_projection_transformer_matches_mindones_forward_and_gradients(lin
         block = Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, out_channels=8,
                                    norm_num_groups=4, cross_attention_dim=6, use_linear_projection=linear_projection)
         if fast:
-            assert apply_fast_layers(block) > 0 and type(block) is TokenProjTransformer2DModel
+            assert apply_cpu_rewrites(block) > 0 and type(block) is TokenProjTransformer2DModel
         weights = weights or {n: rng.normal(0, 0.3, p.shape).astype(np.float32) for n, p in block.parameters_and_names()}
         for name, p in block.parameters_and_names():
             p.set_data(ms.Tensor(weights[name]))
@@ -318,7 +320,7 @@ def test_sharing_policy_comes_from_the_environment(base_weights, monkeypatch):
 
 def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_dir):
     from mindscedit.models.loading import load_components
-    from mindscedit.sampling.sampler import TextEncoder, VaeDecoder
+    from mindscedit.sampling.sampler import VaeDecoder
 
     ids = ms.Tensor(np.random.default_rng(0).integers(0, 50, (1, 77)).astype(np.int32))
     latents = ms.Tensor(np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32))
@@ -328,8 +330,9 @@ def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_d
         if share:
             assert share_repeated_blocks(components.text_encoder) == 2  # its two layers
             assert share_repeated_blocks(components.vae) > 0
-        outputs.append((TextEncoder(components.text_encoder)(ids).asnumpy(),
-                        VaeDecoder(components.vae)(latents).asnumpy()))
+        family = components.family
+        outputs.append((family.prompt_encoder(components)(ids).asnumpy(),
+                        VaeDecoder(components.vae, family.latent_scaling(components.vae))(latents).asnumpy()))
     for plain, shared in zip(*outputs):
         np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
     # A layer whose attention drops out (functional dropout on a rate) keeps its own graph.
@@ -352,7 +355,7 @@ def numpy_attention_grads(q, k, v, d_out, scale):
 
 @pytest.mark.parametrize("block_elements", [1 << 23, 3 * 6 * 5])  # one block; blocks of 3 slices, last one short
 def test_attention_core_forward_and_hand_written_backward_match_numpy(block_elements):
-    from mindscedit.models.fast_layers import AttentionCore
+    from mindscedit.models.cpu_rewrites import AttentionCore
 
     rng = np.random.default_rng(0)
     batch, heads, tokens, context, dim, scale = 2, 4, 6, 5, 3, 0.7

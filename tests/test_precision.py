@@ -4,7 +4,7 @@ fp16 runs on CPU: every shipped config's own training step (method, precision, j
 recompute) is built and run on the tiny pipeline, and checkpoints saved in fp16 resume exactly.
 bf16 has no CPU MatMul kernel, so each method's bf16 step is compiled through the front end only
 (parse and type inference), which is where a dtype mismatch shows. These run the graph Ascend
-runs: the CPU kernel workarounds off (MINDSCEDIT_FAST_LAYERS=0). The bench test at the end runs
+runs: the CPU kernel workarounds off (MINDSCEDIT_CPU_REWRITES=0). The bench test at the end runs
 fp16 steps with them on, as a CPU user gets them.
 """
 import json
@@ -15,12 +15,11 @@ import sys
 import numpy as np
 import mindspore as ms
 import pytest
-import yaml
 from mindspore import nn
 from PIL import Image
 
 from mindscedit.bench import BenchCase, run_case
-from mindscedit.config import load_config
+from mindscedit.training.config import load_config, read_config_file
 from mindscedit.training.checkpoint import TRAINING_STATE_FILE, _named_state_parameters, load_training_state
 from mindscedit.training.step import compile_front_end
 from mindscedit.training.trainer import Trainer
@@ -38,8 +37,7 @@ def shipped_config(name, model_dir, photos_dir, output_dir, **overrides):
     """The shipped YAML on the tiny pipeline and the bundled photos, everything else as shipped,
     except: jit_level O2 (refused by MindSpore's CPU) runs as O0, the resolution is the tiny
     model's, and runs are a few steps with a checkpoint after each."""
-    with open(os.path.join(REPO, "configs", name)) as f:
-        shipped = yaml.safe_load(f)
+    shipped = read_config_file(os.path.join(REPO, "configs", name))  # sections flattened to their keys
     values = dict(shipped, pretrained_model_name_or_path=model_dir, train_data_dir=photos_dir,
                   output_dir=str(output_dir), resolution=32, max_train_steps=STEPS, checkpointing_steps=1,
                   checkpoints_total_limit=None, validation_prompt=[], device_target="CPU", compile_cache_dir="",
@@ -55,7 +53,7 @@ def shipped_config(name, model_dir, photos_dir, output_dir, **overrides):
 @pytest.fixture
 def ascend_graph(monkeypatch):
     """The layers Ascend runs: mindone's and MindSpore's own, no CPU rewrites."""
-    monkeypatch.setenv("MINDSCEDIT_FAST_LAYERS", "0")
+    monkeypatch.setenv("MINDSCEDIT_CPU_REWRITES", "0")
 
 
 def trainable_arrays(trainer):

@@ -1,7 +1,10 @@
 """Training never loses work: kills, signals, full disks, non-finite steps and bad flags.
 
-One Trainer is built (and its step compiled) for the whole module; the two subprocess runs (SIGKILL
-during a save, SIGTERM) are the real CLI as a user runs it.
+One Trainer is built for the whole module and shared by the tests that need a built one; each of
+them gets it with the config it was built with and derives its own from that. The resume test
+builds its own Trainer, as loading a checkpoint into a step whose graph has already run does not
+reach the graph. The two subprocess runs (SIGKILL during a save, SIGTERM) are the real CLI as a
+user runs it. No test depends on another having run, or on the order they run in.
 """
 import dataclasses
 import errno
@@ -22,7 +25,7 @@ from safetensors.numpy import load_file
 import mindscedit.training.checkpoint as checkpoint_module
 import mindscedit.training.trainer as trainer_module
 from mindscedit.cli import main
-from mindscedit.config import load_config
+from mindscedit.training.config import load_config
 from mindscedit.errors import UserError
 from mindscedit.training.checkpoint import (
     PAUSE_IN_SAVE_ENV,
@@ -109,11 +112,25 @@ def killed_run(tiny_model_dir, data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trainer(tiny_model_dir, data_dir, killed_run):
-    # A constant learning rate: the schedule is the same for 8 and 16 steps, and the optimizer can
-    # take more steps than the killed run's 8 (later tests train on from where the first stops).
-    config = config_for(tiny_model_dir, data_dir, killed_run[0], resume_from_checkpoint="latest", max_train_steps=16)
-    return Trainer(config).build()
+def shared_trainer(tiny_model_dir, data_dir, tmp_path_factory):
+    """A Trainer built (its step compiled by the first test that trains it) once for the module, and
+    the config it was built with. Tests that train it, or compare its weights, record the weights
+    they compare within the test: an earlier test may have trained it (the nonfinite test does),
+    and loading a checkpoint into it after its graph has run would not reach the graph."""
+    # No test trains or saves into this folder: each sets an output_dir of its own.
+    config = config_for(tiny_model_dir, data_dir, tmp_path_factory.mktemp("shared-trainer") / "unused")
+    return Trainer(config).build(), config
+
+
+@pytest.fixture
+def trainer(shared_trainer):
+    """The shared Trainer with the config it was built with, whatever earlier tests set (and reset
+    after the test, even a failing one); a test derives its config from this one, as in
+    `dataclasses.replace(trainer.config, ...)`."""
+    built, config = shared_trainer
+    built.config = config
+    yield built
+    built.config = config
 
 
 def trainable_weights(trainer):
@@ -128,12 +145,16 @@ def saved_params(checkpoint):
 
 
 @pytest.mark.slow
-def test_sigkill_during_save_resumes_from_last_complete_checkpoint(killed_run, trainer, caplog):
-    out, reference = killed_run
-    # The Trainer's one resume: parameters loaded after its graph has run do not reach the graph.
-    trainer.config = dataclasses.replace(
-        trainer.config, output_dir=str(out), resume_from_checkpoint="latest", max_train_steps=8
-    )
+def test_sigkill_during_save_resumes_from_last_complete_checkpoint(
+    killed_run, tiny_model_dir, data_dir, tmp_path, caplog
+):
+    killed_out, reference = killed_run
+    # Resumed in a copy, so the killed run's folder stays as the kill left it.
+    out = tmp_path / "out"
+    shutil.copytree(killed_out, out, symlinks=True)
+    # A Trainer of its own whose graph has not run: parameters loaded after a Trainer's graph has
+    # run do not reach the graph. Its config is the killed run's, plus --resume_from_checkpoint latest.
+    trainer = Trainer(config_for(tiny_model_dir, data_dir, out, resume_from_checkpoint="latest")).build()
     # The kill left checkpoint-2 complete and checkpoint-4 only as a temporary folder.
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-2"]
     assert glob.glob(str(out / ".checkpoint-4.tmp-*")) and not (out / "checkpoint-4").exists()
@@ -173,7 +194,8 @@ class NaNPixelsFrom:
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_the_last_good_weights(
     trainer, tmp_path, monkeypatch, caplog
 ):
-    # Trains on from the trainer's current weights (a fresh run as far as the loop is concerned).
+    # Trains on from the trainer's current weights (as built, or as an earlier test left them: every
+    # weight compared below is recorded during this run); a fresh run as far as the loop is concerned.
     trainer.config = dataclasses.replace(
         trainer.config, output_dir=str(tmp_path), resume_from_checkpoint=None, max_train_steps=6
     )

@@ -264,7 +264,7 @@ def test_cli_sample_in_fp16_is_close_to_fp32(tiny_model_dir, scedit_dir, lora_fi
 
 @pytest.mark.slow
 def test_validation_leaves_the_training_losses_unchanged(tiny_model_dir, photos_dir, tmp_path):
-    from mindscedit.config import load_config
+    from mindscedit.training.config import load_config
     from mindscedit.training.trainer import Trainer
 
     def run(output_dir, **extra):
@@ -292,14 +292,14 @@ def test_validation_leaves_the_training_losses_unchanged(tiny_model_dir, photos_
 
 
 def test_validation_prompt_flag_repeats_and_keeps_commas(tiny_model_dir, photos_dir):
-    from mindscedit.cli import build_parser
-    from mindscedit.config import load_config
+    from mindscedit.cli import build_parser, config_overrides
+    from mindscedit.training.config import load_config
     from mindscedit.errors import UserError
 
     args, extra = build_parser().parse_known_args([
         "train", "--validation_prompt", "a cat, sitting", "--validation_prompt", "a dog", "--validation_steps", "5",
     ])
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    overrides = config_overrides(args)
     base = dict(pretrained_model_name_or_path=tiny_model_dir, train_data_dir=photos_dir)
     config = load_config(None, dict(base, **overrides))
     assert config.validation_prompt == ["a cat, sitting", "a dog"] and config.validation_steps == 5

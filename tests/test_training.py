@@ -8,8 +8,9 @@ import mindspore as ms
 import pytest
 from safetensors.numpy import load_file
 
-from mindscedit.config import load_config
-from mindscedit.training.checkpoint import list_checkpoints
+from mindscedit.training.config import load_config
+from mindscedit.errors import UserError
+from mindscedit.training.checkpoint import list_checkpoints, load_training_state
 from mindscedit.training.trainer import Trainer
 
 LEARNING_RATES = {"vanilla": 3e-4, "lora": 5e-3, "scedit": 5e-3}
@@ -105,15 +106,31 @@ def test_resumed_run_reaches_the_same_weights(tiny_model_dir, photos_dir, tmp_pa
     logs = [json.loads(line) for line in open(full_dir / "logs.jsonl")]
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6] and all(r["s_per_step"] > 0 for r in logs)
 
-    # A run that stopped after step 3 (only checkpoint-3 exists) resumes and continues.
+    # The training state as the optimizer declares it; these are the keys checkpoints always had.
+    state = load_file(str(full_dir / "checkpoint-3" / "training_state.safetensors"))
+    assert {key.split("/")[0] for key in state} == {"param", "adam_m", "adam_v", "optimizer", "loss_scaler"}
+    assert {"optimizer/global_step", "loss_scaler/scale_value", "loss_scaler/counter"} <= set(state)
+    assert json.loads((full_dir / "checkpoint-3" / "state.json").read_text())["optimizer"] == "adamw"
+
+    # A run that stopped after step 3 (only checkpoint-3 exists) resumes and continues, from a
+    # checkpoint as written before the optimizer was a setting (no "optimizer" in state.json).
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(full_dir / "checkpoint-3", resumed_dir / "checkpoint-3")
-    resumed = Trainer(
-        make_config(tiny_model_dir, photos_dir, resumed_dir, resume_from_checkpoint="latest", **common)
-    ).train()
+    old_state = json.loads((resumed_dir / "checkpoint-3" / "state.json").read_text())
+    del old_state["optimizer"]
+    (resumed_dir / "checkpoint-3" / "state.json").write_text(json.dumps(old_state))
+    trainer = Trainer(make_config(tiny_model_dir, photos_dir, resumed_dir, resume_from_checkpoint="latest", **common))
+    resumed = trainer.train()
     assert resumed.global_step == 6 and len(resumed.losses) == 3
     np.testing.assert_allclose(resumed.losses, result.losses[3:], rtol=1e-5)
+    # Another optimizer's state is refused whole, naming both.
+    other = tmp_path / "other"
+    shutil.copytree(full_dir / "checkpoint-3", other)
+    (other / "state.json").write_text(json.dumps(dict(old_state, optimizer="prodigy")))
+    with pytest.raises(UserError, match=r"holds 'prodigy' optimizer state; this run uses 'adamw' "
+                                        r"\(resume with --optimizer prodigy\)"):
+        load_training_state(str(other), trainer.train_step, "scedit", "adamw")
 
     expected = load_file(str(full_dir / "adapter_model.safetensors"))
     got = load_file(str(resumed_dir / "adapter_model.safetensors"))
@@ -133,7 +150,7 @@ def torch_adamw_step(weights, avg, avg_sq, grads, lr, step, betas, eps, decay):
 
 
 def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
-    from mindscedit.training.step import make_optimizer
+    from mindscedit.training.optimizers import adamw as make_optimizer
 
     rng = np.random.default_rng(0)
     start = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5,)).astype(np.float32)]
@@ -168,7 +185,8 @@ def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
 def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_precision, overflow_check):
     from mindspore import nn
 
-    from mindscedit.training.step import BranchFreeTrainStep, build_train_step, make_optimizer
+    from mindscedit.training.optimizers import adamw as make_optimizer
+    from mindscedit.training.step import BranchFreeTrainStep, build_train_step
 
     class Linear(nn.Cell):  # loss = sum(cw * w) + sum(cb * b): the gradients are the inputs
         def __init__(self):

@@ -8,7 +8,7 @@ from .dataset import (
     iterate_batches,
 )
 from .sources import DataError, Record, load_records
-from .tokenizer import write_tiny_clip_tokenizer
+from ..models.text import write_tiny_clip_tokenizer
 from .transforms import ImageTransform, apply_params, decode_image, to_rgb
 
 __all__ = [

@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from ..models.text import PromptTokenizer
 from .conditions import ConditionSpec
 from .sources import DataError, Record
 from .transforms import ImageTransform, decode_image
@@ -36,8 +37,6 @@ COLUMN_NAMES = ["pixel_values", "input_ids"]
 # Worker processes each hold their own dataset copy, so per-sample counts are how the total
 # reaches the main process.
 SKIPPED_COLUMN = "num_skipped"
-# transformers sets model_max_length to ~1e30 when the tokenizer config does not give one.
-_MAX_SANE_TOKEN_LENGTH = 100_000
 
 # Loader defaults, from scripts/bench_loader.py: one 512x512 sample (decode, resize, crop, flip,
 # normalise) costs about 7 ms of an idle x86 core for 256x256 JPEGs, 12 ms with a canny condition
@@ -83,13 +82,10 @@ class TextImageDataset:
             raise DataError("dataset has no records")
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
-        if tokenizer.model_max_length > _MAX_SANE_TOKEN_LENGTH:
-            raise ValueError(
-                "tokenizer.model_max_length is not set; load the tokenizer with its tokenizer_config.json"
-            )
         self.records: List[Record] = list(records)
         self.transform = transform
-        self.tokenizer = tokenizer
+        # text -> token ids: a model family's prompt tokenizer (models/family.py), or a plain CLIP tokenizer.
+        self.tokenize = PromptTokenizer(tokenizer) if hasattr(tokenizer, "model_max_length") else tokenizer
         self.seed = seed
         self.on_bad_sample = on_bad_sample
         self.condition = condition
@@ -134,13 +130,7 @@ class TextImageDataset:
         caption = record.caption
         if not isinstance(caption, str):
             caption = caption[int(rng.integers(len(caption)))]
-        input_ids = self.tokenizer(
-            caption,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-        )["input_ids"]
-        input_ids = np.asarray(input_ids, dtype=np.int32)
+        input_ids = self.tokenize(caption)
         if self.condition is None:
             return pixel_values, input_ids
         # Its own generator: adding a condition leaves the crop, flip and caption draws unchanged.

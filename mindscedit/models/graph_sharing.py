@@ -12,7 +12,7 @@ once; MindSpore supports that on Ascend only (its CPU backend fails on such grap
 cells must not nest: a reusable cell inside another one crashes the compiler.
 
 `mindspore.lazy_inline` keys instances by their constructor arguments. Here the key is taken
-once the network is final (tuners injected, fast layers in place) from what its graph is built
+once the network is final (tuners injected, CPU rewrites in place) from what its graph is built
 of: every sub-cell's path and class, its recompute state, its plain attributes and tensor
 constants, the class of any other object it holds (an attention processor), and every
 parameter's path, shape, dtype and requires_grad. Two blocks share a graph only if all of that is equal; only their weights differ.
@@ -25,6 +25,7 @@ import os
 
 import mindspore as ms
 from mindspore import nn
+from .. import runtime  # noqa: F401  (first: it imports mindone's noisy module quietly)
 from mindone.diffusers.models.resnet import ResnetBlock2D
 from mindone.diffusers.models.transformers.transformer_2d import Transformer2DModel
 from mindone.transformers.models.clip.modeling_clip import CLIPEncoderLayer
@@ -47,9 +48,11 @@ def update_with_cell_constants(digest, cell: nn.Cell) -> None:
         digest.update(f"{path}:{type(sub).__qualname__}".encode())
         # Recompute (gradient checkpointing) lives in private attributes: a recomputed block and
         # a plain one build different graphs (mindone recomputes all but a block's first resnet).
-        recompute = (getattr(sub, "_has_config_recompute", False), getattr(sub, "_scope", None),
-                     sub.get_flags().get("output_recompute") if hasattr(sub, "get_flags") else None)
+        recompute = (getattr(sub, "_has_config_recompute", False), getattr(sub, "_scope", None))
         digest.update(f"recompute={recompute!r}".encode())
+        # Cell flags: output recompute, and the casts of mixed precision (to_float's fp16/bf16).
+        flags = sorted((k, repr(v)) for k, v in sub.get_flags().items()) if hasattr(sub, "get_flags") else []
+        digest.update(f"flags={flags!r}".encode())
         for name, value in sorted(vars(sub).items()):
             if name in VOLATILE_ATTRIBUTES or isinstance(value, (ms.Parameter, nn.Cell)):
                 continue  # parameters are keyed by shape elsewhere; cells are walked above

@@ -23,12 +23,19 @@ WEIGHT_FILES = {
 
 
 @dataclass
-class SDComponents:
+class PipelineComponents:
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
+    family: Any = None  # models.family: how prompts and latents reach the UNet
+
+    def __post_init__(self):
+        if self.family is None:
+            from .family import StableDiffusion
+
+            self.family = StableDiffusion
 
     @property
     def prediction_type(self) -> str:
@@ -37,6 +44,10 @@ class SDComponents:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.family.text_encoders]
 
 
 def check_model_folder(path: str, subfolders=SUBFOLDERS) -> None:
@@ -104,14 +115,17 @@ def load_unet(path: str, dtype=ms.float32):
     return apply_flash_attention_setting(unet)
 
 
-def load_components(path: str, dtype=ms.float32) -> SDComponents:
+def load_components(path: str, dtype=ms.float32) -> PipelineComponents:
     """Load UNet, VAE, text encoder, tokenizer and DDPM noise scheduler from a local folder."""
     from mindone.diffusers import AutoencoderKL
     from mindone.transformers import CLIPTextModel
 
+    from .family import detect_family
+
     check_model_folder(path)
+    family = detect_family(path)
     try:
-        return SDComponents(
+        return PipelineComponents(
             unet=load_unet(path, dtype),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=dtype, local_files_only=True),
             text_encoder=CLIPTextModel.from_pretrained(
@@ -119,6 +133,7 @@ def load_components(path: str, dtype=ms.float32) -> SDComponents:
             ),
             tokenizer=load_tokenizer(path),
             noise_scheduler=load_noise_scheduler(path),
+            family=family,
         )
     except (OSError, json.JSONDecodeError) as err:
         # The loaders raise long multi-line messages; keep the first line, which names the file.

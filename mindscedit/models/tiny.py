@@ -16,7 +16,7 @@ def make_tiny_model(output_dir: str, prediction_type: str = "epsilon", seed: int
     from mindone.transformers import CLIPTextModel
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from ..data.tokenizer import write_tiny_clip_tokenizer
+    from .text import write_tiny_clip_tokenizer
 
     ms.set_seed(seed)
     np.random.seed(seed)

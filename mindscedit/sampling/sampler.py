@@ -1,4 +1,4 @@
-"""Text-to-image sampling on SDComponents: text encoding, the guided denoising loop, VAE decode.
+"""Text-to-image sampling on PipelineComponents: prompt encoding (the model family's), the guided denoising loop, VAE decode.
 
 Each network call is a Cell compiled once and reused: the text encoder sees one prompt at a
 time (1 x 77 ids), the denoiser the same latent batch at every step with the timestep and the
@@ -21,17 +21,6 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models.graph_sharing import share_repeated_blocks
 from .schedulers import make_scheduler
-
-
-class TextEncoder(nn.Cell):
-    """token ids [B, 77] -> last hidden states [B, 77, D]."""
-
-    def __init__(self, text_encoder):
-        super().__init__(auto_prefix=False)
-        self.text_encoder = text_encoder
-
-    def construct(self, input_ids):
-        return self.text_encoder(input_ids)[0]
 
 
 class _Denoiser(nn.Cell):
@@ -72,16 +61,16 @@ class CondDenoiser(_Denoiser):
 
 
 class VaeDecoder(nn.Cell):
-    """latents -> images in [0, 1], NCHW float32."""
+    """latents -> images in [0, 1], NCHW float32 (the latent scaling of the model family undone first)."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, latent_scaling):
         super().__init__(auto_prefix=False)
         self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_scaling = latent_scaling
         self.dtype = vae.dtype
 
     def construct(self, latents):
-        image = self.vae.decode((latents / self.scaling_factor).astype(self.dtype))[0]
+        image = self.vae.decode(self.latent_scaling.from_model(latents).astype(self.dtype))[0]
         return ops.clamp(image.astype(ms.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -92,7 +81,7 @@ def to_pil(images: np.ndarray) -> List[Image.Image]:
 
 
 class Sampler:
-    """Text-to-image with classifier-free guidance on SDComponents (plain, SC-Tuner or LoRA UNet).
+    """Text-to-image with classifier-free guidance on PipelineComponents (plain, SC-Tuner or LoRA UNet).
 
     `scheduler` is one of mindscedit.sampling.SCHEDULERS and may be changed between calls
     without recompiling. Image k of every prompt starts from numpy default_rng(seed + k), and the
@@ -106,17 +95,17 @@ class Sampler:
         self.controlled = controlled  # a ControlledUNet with CSC-Tuners, for control_images
         make_scheduler(scheduler, components.noise_scheduler.config)  # fail early on a bad name
         unet = components.unet if controlled is None else controlled
-        for network in (unet, components.vae, components.text_encoder):
+        for network in (unet, components.vae, *components.text_encoders):
             share_repeated_blocks(network)  # the networks are final here (adapters loaded)
-        self.text_encoder = TextEncoder(components.text_encoder)
+        family = components.family
+        self.tokenize = family.prompt_tokenizer(components)
+        self.text_encoder = family.prompt_encoder(components)
         self.guided_denoiser = GuidedDenoiser(components.unet, controlled)
         self.cond_denoiser = CondDenoiser(components.unet, controlled)
-        self.decoder = VaeDecoder(components.vae)
+        self.decoder = VaeDecoder(components.vae, family.latent_scaling(components.vae))
 
     def encode(self, prompt: str) -> ms.Tensor:
-        tokenizer = self.components.tokenizer
-        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-        return self.text_encoder(ms.Tensor(np.array([ids], dtype=np.int32)))
+        return self.text_encoder(ms.Tensor(self.tokenize(prompt)[None]))
 
     def __call__(
         self,

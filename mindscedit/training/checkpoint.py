@@ -1,7 +1,7 @@
 """Checkpoints that are either complete or absent.
 
 A checkpoint is a folder `checkpoint-<step>` holding the method's weights (loadable on their own),
-`training_state.safetensors` (trainable weights, optimizer moments and step, loss scale) and,
+`training_state.safetensors` (trainable weights, the optimizer's state, loss scale) and,
 written last, `state.json`. It is written under a temporary name and renamed into place only
 when complete, so a crash, a kill or a full disk mid-save leaves the previous checkpoint intact.
 """
@@ -139,22 +139,22 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Op
 
 
 def _named_state_parameters(train_step) -> Dict[str, ms.Parameter]:
-    """Everything that changes during training: trainable weights, AdamW moments and step, loss scale.
+    """Everything that changes during training: trainable weights, the optimizer's state (as it
+    declares it: see optimizers.py) and the loss scaler's.
 
     Keys use each weight's path in the training network (Parameter.name depends on how Cells
     were wrapped).
     """
     paths = {id(p): name for name, p in train_step.model.parameters_and_names()}
     optimizer = train_step.optimizer
-    params = {"optimizer/global_step": optimizer.global_step}
-    for p, exp_avg, exp_avg_sq in zip(optimizer.parameters, optimizer.exp_avg, optimizer.exp_avg_sq):
+    params = dict(optimizer.scalar_state())
+    slots = optimizer.state_slots()
+    for i, p in enumerate(optimizer.parameters):
         name = paths[id(p)]
         params[f"param/{name}"] = p
-        params[f"adam_m/{name}"] = exp_avg
-        params[f"adam_v/{name}"] = exp_avg_sq
-    scaler = train_step.grad_scaler.loss_scaler
-    params["loss_scaler/scale_value"] = scaler.scale_value
-    params["loss_scaler/counter"] = scaler.counter
+        for slot, tensors in slots.items():
+            params[f"{slot}/{name}"] = tensors[i]
+    params.update(train_step.loss_scaler_state())
     return params
 
 
@@ -165,7 +165,7 @@ def save_training_state(folder: str, train_step, state: dict) -> None:
         json.dump(state, f, indent=2)
 
 
-def load_training_state(folder: str, train_step, method: Optional[str] = None) -> dict:
+def load_training_state(folder: str, train_step, method: Optional[str] = None, optimizer: Optional[str] = None) -> dict:
     """Restore weights, optimizer and loss scaler from `folder`; returns its state.json.
 
     Everything is checked before anything is set: a checkpoint that does not fit (another method
@@ -175,6 +175,10 @@ def load_training_state(folder: str, train_step, method: Optional[str] = None) -
         state = json.load(f)
     if method and state.get("method", method) != method:
         raise UserError(f"checkpoint {folder} was saved by a '{state['method']}' run; this run trains '{method}'")
+    # Checkpoints written before the optimizer was a setting are AdamW's.
+    if optimizer and state.get("optimizer", "adamw") != optimizer:
+        raise UserError(f"checkpoint {folder} holds '{state['optimizer']}' optimizer state; this run uses "
+                        f"'{optimizer}' (resume with --optimizer {state['optimizer']})")
     file = os.path.join(folder, TRAINING_STATE_FILE)
     if not os.path.isfile(file):
         raise UserError(f"checkpoint {folder} has no {TRAINING_STATE_FILE}")

@@ -4,8 +4,7 @@ Compiling the UNet train step costs tens of seconds and over a GiB of host memor
 process then keeps. MindSpore's compile cache saves the compiled front-end graph and loads it
 on the next launch, but it names cached graphs only by compile order and checks only a hash of
 the Python sources. So each setup gets its own folder, `<root>/<key>`, where the key hashes
-everything that shapes the graph (run settings, every parameter's path/shape/dtype, input
-shapes, the noise schedule, package versions), and the cache is on only while the train step
+everything that shapes the graph (see graph_key), and the cache is on only while the train step
 compiles. MindSpore numbers cached graphs per process and keeps the first cache path it was
 given, and switching the cache on after other graphs were compiled in the process breaks later
 compiles. So the cache serves only processes that ask for it before compiling anything (the
@@ -37,15 +36,7 @@ from ..models.graph_sharing import sharing_policy, update_with_cell_constants
 
 logger = logging.getLogger(__name__)
 
-# Settings that never reach the compiled step (data, outputs, logging, validation).
-_NOT_IN_GRAPH = {
-    "pretrained_model_name_or_path", "output_dir", "seed", "train_data_dir", "dataset_name", "image_column",
-    "caption_column", "center_crop", "random_flip", "dataloader_num_workers", "on_bad_sample",
-    "max_nonfinite_steps", "conditioning_image_column", "canny_low_threshold", "canny_high_threshold",
-    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "logging_steps",
-    "validation_prompt", "validation_steps", "num_validation_images", "validation_image", "compile_cache_dir",
-}
-
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _process = {"allowed": False, "used": False}
 
 
@@ -54,8 +45,13 @@ def allow_in_this_process() -> None:
     _process["allowed"] = True
 
 
-def graph_key(train_step, inputs: Sequence[ms.Tensor], settings: dict, world_size: int = 1) -> str:
-    """A hash of everything the compiled step depends on besides the Python sources."""
+def graph_key(train_step, inputs: Sequence[ms.Tensor], world_size: int = 1) -> str:
+    """A hash of everything the compiled step depends on, read off the step itself: the Python
+    sources, every parameter's path, shape, dtype and trainability, each cell's class, constants
+    and flags (loss settings, clipping, loss-scaler kind, recompute, mixed-precision casts), the
+    inputs' shapes and dtypes, the jit level and the device. No run setting is listed by hand: a
+    setting changes the key exactly when it changes one of those (the learning-rate table's
+    length does; the output folder, the data and the logging do not)."""
     import mindone
 
     from .. import __version__
@@ -68,7 +64,7 @@ def graph_key(train_step, inputs: Sequence[ms.Tensor], settings: dict, world_siz
     update_with_cell_constants(constants, train_step)
     blob = json.dumps(dict(
         sources=_package_sources_hash(),
-        settings={k: v for k, v in settings.items() if k not in _NOT_IN_GRAPH},
+        jit_config=getattr(train_step, "jit_config_dict", None) or {},
         params=params,
         inputs=[(tuple(x.shape), str(x.dtype)) for x in inputs],
         constants=constants.hexdigest(),
@@ -83,8 +79,7 @@ def graph_key(train_step, inputs: Sequence[ms.Tensor], settings: dict, world_siz
 def _package_sources_hash() -> str:
     """Our own sources: an installed package is outside MindSpore's dependency scan."""
     digest = hashlib.sha256()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for folder, _, files in sorted(os.walk(root)):
+    for folder, _, files in sorted(os.walk(_PACKAGE_ROOT)):
         for name in sorted(files):
             if name.endswith(".py"):
                 with open(os.path.join(folder, name), "rb") as f:
@@ -96,7 +91,7 @@ def _compile_through_cache(train_step, inputs, folder):
     from ..compat import graph_api
 
     entry = getattr(graph_api, "entry_script_path", None)
-    graph_api.entry_script_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_entry.py")
+    graph_api.entry_script_path = os.path.join(_PACKAGE_ROOT, "_compile_cache_entry.py")
     ms.set_context(enable_compile_cache=True, compile_cache_path=folder)
     try:
         train_step.compile(*inputs)
@@ -147,7 +142,7 @@ def _release_freed_heap():
 
 
 def compile_train_step(train_step, inputs: Sequence[ms.Tensor], cache_root: Optional[str],
-                       settings: Optional[dict] = None, rank: int = 0, world_size: int = 1) -> str:
+                       rank: int = 0, world_size: int = 1) -> str:
     """Compile `train_step` for `inputs`, through the cache under `cache_root` when it can.
 
     Returns "hit" (a cached graph was there), "miss" (compiled and saved) or "off". Anything that
@@ -163,7 +158,7 @@ def compile_train_step(train_step, inputs: Sequence[ms.Tensor], cache_root: Opti
             logger.warning("compile cache off: %s", error)
             cache_root = None
     if cache_root and getattr(train_step, "branch_free", False) and _process["allowed"] and not _process["used"]:
-        key = graph_key(train_step, inputs, settings or {}, world_size)
+        key = graph_key(train_step, inputs, world_size)
         folder = os.path.join(os.path.expanduser(cache_root), key)
         try:
             os.makedirs(folder, exist_ok=True)

@@ -1,20 +1,28 @@
-"""The three fine-tuning methods: what each makes trainable and what each saves.
+"""Fine-tuning methods: everything that differs between them, one class each.
+
+A method declares its options (config fields), checks them, says what data it needs (a
+condition image per sample or not), injects what it trains into the UNet and returns those
+parameters, sets the precision of the UNet around them, names the networks whose layers the CPU
+rewrites may touch, says how validation samples with it and writes its weights. The trainer,
+the step builder and the benchmark ask the method and never test its name.
 
 vanilla: the whole UNet; saves the UNet in diffusers format (unet/).
-lora:    LoRA adapters on attention (and optionally feed-forward) layers; saves
+lora:    LoRA/DoRA adapters on attention (and optionally feed-forward) layers; saves
          pytorch_lora_weights.safetensors (diffusers/peft layout).
 scedit:  one SC-Tuner per decoder skip; saves adapter_model.safetensors + adapter_config.json
          (ms-swift layout). The encoder is cut out of backward.
 scedit_control: a CSC-Tuner for one condition (canny, depth, ...); saves csc_tuner.safetensors
          (scepter key layout). The UNet runs through ControlledUNet, encoder cut out of backward.
+controlnet: the ControlNet baseline the CSC-Tuner is compared with; benchmark only.
+
+A new method is a subclass here plus its entry in METHODS (and its options in config.py).
 """
 import os
-from typing import List
+from typing import Dict, List, Optional, Tuple, Type
 
 import mindspore as ms
 
-from ..config import TrainConfig
-from ..data.conditions import ConditionSpec
+from ..errors import UserError
 from ..tuners.csc_tuner import ControlledUNet, CSCTunerConfig, build_csc_tuner, save_csc_tuner
 from ..tuners.lora import LoRAConfig, inject_lora, save_lora
 from ..tuners.sc_tuner import SCTunerConfig, inject_sc_tuners, save_sc_tuners, sc_tuner_parameters
@@ -22,21 +30,47 @@ from ..tuners.sc_tuner import SCTunerConfig, inject_sc_tuners, save_sc_tuners, s
 
 class Method:
     name = ""
+    options: Tuple[str, ...] = ()  # the config fields this method reads
+    takes_condition = False  # each sample carries a condition image, and the step takes it
+    trainable_by_cli = True  # False: measured by the benchmark, not offered by `train`
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config):
         self.config = config
+        # What the training network runs instead of the plain UNet (None: the UNet itself); set by prepare.
+        self.controlled_unet = None
+
+    @classmethod
+    def check(cls, config) -> None:
+        """Method-specific checks of a config, before anything is loaded (one line naming the key)."""
+        if config.validation_image and not cls.takes_condition:
+            raise UserError(f"validation_image is for method scedit_control, not {config.method}")
+
+    @property
+    def condition_spec(self):
+        """The condition each training sample carries (None: text-to-image)."""
+        return None
 
     def prepare(self, unet) -> List[ms.Parameter]:
         """Inject what the method adds; return the parameters to train (everything else is frozen)."""
         raise NotImplementedError
 
+    def apply_precision(self, unet, trainable: List[ms.Parameter], dtype) -> None:
+        """fp16/bf16: the frozen UNet in low precision, the trained weights kept fp32 (master copy);
+        the adapters compute in their weights' dtype and hand back the UNet's."""
+        unet.to(dtype)
+        for p in trainable:
+            p.set_dtype(ms.float32)
+
+    def networks(self, unet) -> list:
+        """The networks of the training step besides the text and image encoders."""
+        return [unet] if self.controlled_unet is None else [unet, self.controlled_unet]
+
+    def validation_inputs(self, resolution: int) -> dict:
+        """Extra arguments of the Validator: what validation samples with besides the UNet."""
+        return {}
+
     def save_weights(self, unet, folder: str) -> None:
         raise NotImplementedError
-
-    # What the training network runs instead of the plain UNet (None: the UNet itself).
-    controlled_unet = None
-    # The condition each training sample carries (None: text-to-image).
-    condition_spec = None
 
 
 class Vanilla(Method):
@@ -45,12 +79,17 @@ class Vanilla(Method):
     def prepare(self, unet):
         return list(unet.get_parameters())
 
+    def apply_precision(self, unet, trainable, dtype):
+        # Every weight trains: fp32 weights, low-precision compute (AMP O2) instead of fp32 copies.
+        ms.amp.auto_mixed_precision(unet, amp_level="O2", dtype=dtype)
+
     def save_weights(self, unet, folder):
         unet.save_pretrained(os.path.join(folder, "unet"))
 
 
 class LoRA(Method):
     name = "lora"
+    options = ("rank", "lora_alpha", "lora_target_modules", "use_dora")
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -67,6 +106,7 @@ class LoRA(Method):
 
 class SCEdit(Method):
     name = "scedit"
+    options = ("down_ratio",)
 
     @property
     def tuner_config(self) -> SCTunerConfig:
@@ -80,15 +120,15 @@ class SCEdit(Method):
         save_sc_tuners(unet, folder, self.tuner_config)
 
 
-class SCEditControl(Method):
-    name = "scedit_control"
+class _Controlled(Method):
+    """Methods whose UNet runs under a condition image (a ControlledUNet-like network)."""
+
+    takes_condition = True
 
     @property
-    def tuner_config(self) -> CSCTunerConfig:
-        return CSCTunerConfig(dense_hint_kernel=self.config.dense_hint_kernel, down_ratio=self.config.down_ratio)
+    def condition_spec(self):
+        from ..data.conditions import ConditionSpec
 
-    @property
-    def condition_spec(self) -> ConditionSpec:
         c = self.config
         if c.conditioning_image_column:
             return ConditionSpec("column")
@@ -96,6 +136,53 @@ class SCEditControl(Method):
         if c.control_type == "canny":
             options = {"low_threshold": c.canny_low_threshold, "high_threshold": c.canny_high_threshold}
         return ConditionSpec(c.control_type, options)
+
+    @classmethod
+    def check(cls, config):
+        from ..data.conditions import ANNOTATORS
+
+        if not config.conditioning_image_column and config.control_type not in ANNOTATORS:
+            raise UserError(f"control_type '{config.control_type}' is not built in ({', '.join(ANNOTATORS)}); "
+                            "give its images with conditioning_image_column")
+        if config.canny_low_threshold > config.canny_high_threshold:
+            raise UserError(f"canny_low_threshold ({config.canny_low_threshold}) is above canny_high_threshold "
+                            f"({config.canny_high_threshold})")
+        cls._check_validation_images(config)
+
+    @staticmethod
+    def _check_validation_images(config) -> None:
+        """Validation samples under a condition: one image for all prompts or one each."""
+        images, prompts = config.validation_image, config.validation_prompt
+        if not prompts:
+            return
+        if not images:
+            raise UserError(f"validation_prompt with method {config.method} needs validation_image (the condition "
+                            "image to sample under; `mindscedit annotate` makes one from a photo)")
+        if len(images) not in (1, len(prompts)):
+            raise UserError(f"validation_image: give one image, or one per validation_prompt ({len(prompts)}), "
+                            f"got {len(images)}")
+        for path in images:
+            if not os.path.isfile(path):
+                raise UserError(f"validation_image not found: {path}")
+
+    def validation_inputs(self, resolution):
+        """Validation samples with the network being trained, under each prompt's condition image."""
+        from ..data.conditions import load_control_image
+
+        c = self.config
+        paths = c.validation_image * len(c.validation_prompt) if len(c.validation_image) == 1 else c.validation_image
+        return {"controlled": self.controlled_unet,
+                "condition_images": [load_control_image(p, "none", resolution, resolution) for p in paths]}
+
+
+class SCEditControl(_Controlled):
+    name = "scedit_control"
+    options = ("down_ratio", "control_type", "conditioning_image_column", "dense_hint_kernel",
+               "canny_low_threshold", "canny_high_threshold")
+
+    @property
+    def tuner_config(self) -> CSCTunerConfig:
+        return CSCTunerConfig(dense_hint_kernel=self.config.dense_hint_kernel, down_ratio=self.config.down_ratio)
 
     def prepare(self, unet):
         self.tuner = build_csc_tuner(unet, self.tuner_config)
@@ -106,24 +193,36 @@ class SCEditControl(Method):
         save_csc_tuner(self.tuner, folder, self.tuner_config, self.config.control_type)
 
 
-METHODS = {m.name: m for m in (Vanilla, LoRA, SCEdit, SCEditControl)}
+class ControlNet(_Controlled):
+    """A trainable copy of the UNet's encoder feeding its skips (mindone's ControlNetModel)."""
+
+    name = "controlnet"
+    options = ("control_type", "conditioning_image_column", "canny_low_threshold", "canny_high_threshold")
+    trainable_by_cli = False
+
+    def prepare(self, unet):
+        from ..models.controlnet import ControlNetUNet
+
+        self.controlled_unet = ControlNetUNet(unet)
+        return list(self.controlled_unet.controlnet.get_parameters())
+
+    def networks(self, unet):
+        return [unet, self.controlled_unet.controlnet]  # its own attention layers are rewritten too
+
+    def save_weights(self, unet, folder):
+        raise UserError("the ControlNet baseline is for the benchmark; it has no weight format here")
 
 
-def get_method(config: TrainConfig) -> Method:
+METHODS: Dict[str, Type[Method]] = {m.name: m for m in (Vanilla, LoRA, SCEdit, SCEditControl, ControlNet)}
+TRAINABLE_METHODS = {name: m for name, m in METHODS.items() if m.trainable_by_cli}
+
+
+def method_class(name: str) -> Type[Method]:
+    return METHODS[name]
+
+
+def get_method(config) -> Method:
     return METHODS[config.method](config)
-
-
-def apply_unet_precision(unet, trainable: List[ms.Parameter], method: str, dtype) -> None:
-    """fp16/bf16 training: frozen UNet weights in low precision, trainable ones kept fp32 (master
-    copy); full fine-tuning uses AMP O2 instead (fp32 weights, low-precision compute)."""
-    if dtype == ms.float32:
-        return
-    if method == "vanilla":
-        ms.amp.auto_mixed_precision(unet, amp_level="O2", dtype=dtype)
-    else:
-        unet.to(dtype)
-        for p in trainable:
-            p.set_dtype(ms.float32)
 
 
 def freeze_all_but(cells, trainable: List[ms.Parameter]) -> None:

@@ -37,26 +37,27 @@ class LatentTrainNet(nn.Cell):
 class LatentDiffusionTrainNet(nn.Cell):
     """pixels, token ids and host-drawn randomness (, condition) -> scalar loss.
 
+    The prompt encoder and the latent scaling come from the model family (models/family.py).
     All randomness (VAE posterior noise, diffusion noise, timesteps) comes in as inputs, drawn on
     the host from a generator seeded by (seed, micro-step). Steps are then reproducible
     across resumes and independent of graph-side RNG state.
     """
 
-    def __init__(self, unet, vae, text_encoder, loss: DiffusionLoss, controlled_unet=None):
+    def __init__(self, unet, vae, prompt_encoder, latent_scaling, loss: DiffusionLoss, controlled_unet=None):
         super().__init__()
         self.vae = vae
-        self.text_encoder = text_encoder
+        self.text_encoder = prompt_encoder
+        self.latent_scaling = latent_scaling
         self.denoise = LatentTrainNet(unet, loss, controlled_unet)
-        self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_dtype = vae.dtype
 
     def encode_latents(self, pixel_values, latent_eps):
         moments = self.vae.encode(pixel_values.astype(self.vae_dtype))[0]
         mean, logvar = ops.chunk(moments.astype(ms.float32), 2, axis=1)
         std = ops.exp(0.5 * ops.clamp(logvar, -30.0, 20.0))
-        return ops.stop_gradient((mean + std * latent_eps) * self.scaling_factor)
+        return ops.stop_gradient(self.latent_scaling.to_model(mean + std * latent_eps))
 
     def construct(self, pixel_values, input_ids, latent_eps, noise, timesteps, condition=None):
         latents = self.encode_latents(pixel_values, latent_eps)
-        encoder_hidden_states = ops.stop_gradient(self.text_encoder(input_ids)[0])
+        encoder_hidden_states = ops.stop_gradient(self.text_encoder(input_ids))
         return self.denoise(latents, encoder_hidden_states, noise, timesteps, condition)

@@ -20,9 +20,9 @@ from mindspore import ops
 from mindspore.amp import DynamicLossScaler, all_finite
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
+from .. import runtime  # noqa: F401  (first: it imports mindone's noisy module quietly)
 from mindone.diffusers.optimization import get_scheduler
 from mindone.diffusers.training_utils import TrainStep
-from mindone.trainers.adamw_mf import AdamW
 
 
 class SkipNonFiniteSteps(DynamicLossScaler):
@@ -52,21 +52,6 @@ def lr_schedule(learning_rate: float, lr_scheduler: str, lr_warmup_steps: int, m
     )
 
 
-_fused_adamw = C.MultitypeFuncGraph("fused_adamw")
-_adam_weight_decay = ops.AdamWeightDecay()
-
-
-@_fused_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                       "Tensor", "Tensor")
-def _fused_adamw_update(apply, grad_factor, lr, beta1, beta2, eps, decay, param, grad, exp_avg, exp_avg_sq):
-    """One fused kernel per parameter on grad * grad_factor (a scalar: no broadcast index, see
-    models/fast_layers.py); a gated-off step feeds it a zero gradient, so a non-finite gradient
-    never reaches the moments."""
-    grad = grad.astype(ms.float32) * grad_factor
-    grad = ops.select(ops.broadcast_to(apply, grad.shape), grad, ops.zeros_like(grad))
-    return _adam_weight_decay(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, grad)
-
-
 _square_sum = C.MultitypeFuncGraph("square_sum")
 
 
@@ -75,64 +60,21 @@ def _square_sum_of(grad):
     return ops.reduce_sum(ops.square(grad.astype(ms.float32)))
 
 
-class GatedAdamW(AdamW):
-    """mindone's AdamW (bias-corrected, decoupled decay, as torch.optim.AdamW) with an `apply`
-    flag: when it is False the weights, moments, step count and learning-rate position all stay
-    as they were.
-
-    The update runs as MindSpore's fused AdamWeightDecay kernel, one node per parameter instead of
-    some twenty, which matters for compile time when every UNet weight trains. That kernel has no
-    bias correction, so torch's is folded into its scalars: with c1 = 1 - beta1^t and
-    c2 = 1 - beta2^t, lr' = lr * sqrt(c2) / c1, eps' = eps * sqrt(c2), decay' = decay * c1 / sqrt(c2)
-    give w - lr' * (m / (sqrt(v) + eps') + decay' * w), which is torch's
-    w * (1 - lr * decay) - lr / c1 * m / (sqrt(v / c2) + eps). A gated-off step runs the kernel with
-    lr' = 0 and both betas 1, which leaves w, m and v exactly as they were. `grad_factor` scales
-    every gradient first (the branch-free step's unscaling and clipping).
-    """
-
-    def construct(self, gradients, apply=True, grad_factor=1.0):
-        apply = ops.logical_and(ms.Tensor(True), apply)  # a bool Tensor whether given a constant or not
-        grad_factor = ops.cast(grad_factor, ms.float32).reshape(())
-        beta1, beta2 = self.beta1.reshape(()), self.beta2.reshape(())
-        step = (self.global_step + 1).astype(ms.float32).reshape(())
-        correction1 = 1.0 - ops.pow(beta1, step)
-        sqrt_correction2 = ops.sqrt(1.0 - ops.pow(beta2, step))
-        one, zero = ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)
-        lr = ops.select(apply, self.get_lr().reshape(()) * sqrt_correction2 / correction1, zero)
-        updates = self.hyper_map(
-            F.partial(
-                _fused_adamw,
-                apply,
-                grad_factor,
-                lr,
-                ops.select(apply, beta1, one),
-                ops.select(apply, beta2, one),
-                self.eps.reshape(()) * sqrt_correction2,
-                self.weight_decay * correction1 / sqrt_correction2,
-            ),
-            self._parameters, self.flatten_gradients(gradients), self.exp_avg, self.exp_avg_sq,
-        )
-        ops.assign_add(self.global_step, apply.astype(self.global_step.dtype))
-        return updates
-
-
-def make_optimizer(
-    params: List[ms.Parameter],
-    lrs: List[float],
-    adam_beta1: float = 0.9,
-    adam_beta2: float = 0.999,
-    adam_epsilon: float = 1e-8,
-    adam_weight_decay: float = 1e-2,
-):
-    """AdamW (decoupled weight decay, bias-corrected, as torch.optim.AdamW) on a per-step LR list."""
-    return GatedAdamW(params, learning_rate=lrs, betas=(adam_beta1, adam_beta2), eps=adam_epsilon, weight_decay=adam_weight_decay)
-
-
 class DiffusionTrainStep(TrainStep):
     """mindone's step (with gradient accumulation) on the loss network; returns (loss for logging,
     loss as seen by backward)."""
 
     branch_free = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A plain attribute, so the compile cache key tells a dynamic scaler's graph from a fixed one's.
+        self.loss_scaler_kind = type(self.grad_scaler.loss_scaler).__name__
+
+    def loss_scaler_state(self) -> dict:
+        """The loss scaler's tensors by checkpoint key."""
+        scaler = self.grad_scaler.loss_scaler
+        return {"loss_scaler/scale_value": scaler.scale_value, "loss_scaler/counter": scaler.counter}
 
     def forward(self, *inputs):
         loss = self.model(*inputs)

@@ -13,14 +13,13 @@ import numpy as np
 import mindspore as ms
 from tqdm.auto import tqdm
 
-from ..config import FP16_ON_CPU, TrainConfig, to_dict, validate
 from ..data import create_dataloader, iterate_batches, load_records
 from ..losses import DiffusionLoss
-from ..models import load_components
-from ..models.fast_layers import apply_fast_layers
-from ..models.graph_sharing import share_repeated_blocks
-from ..runtime import DTYPES, Runtime, init_runtime
+from ..models.loading import load_components
+from ..runtime import FP16_ON_CPU, Runtime, init_runtime
+from .builder import Encoders, build_step
 from .compile_cache import compile_train_step
+from .config import TrainConfig, to_dict, validate
 from .checkpoint import (
     atomic_folder,
     load_training_state,
@@ -29,9 +28,8 @@ from .checkpoint import (
     resolve_resume,
     save_training_state,
 )
-from .methods import apply_unet_precision, freeze_all_but, get_method
-from .network import LatentDiffusionTrainNet
-from .step import build_train_step, lr_schedule, make_optimizer
+from .methods import get_method
+from .step import lr_schedule
 
 logger = logging.getLogger("mindscedit")
 
@@ -150,72 +148,36 @@ class Trainer:
         self.records = load_records(
             c.data_source, c.image_column, c.caption_column,
             on_bad_record=self._skip_bad_row if c.on_bad_sample == "skip" else None,
-            condition_column=c.conditioning_image_column if c.method == "scedit_control" else None,
+            condition_column=c.conditioning_image_column if self.method.takes_condition else None,
         )
-        self.components = load_components(c.pretrained_model_name_or_path)
-        comps = self.components
-        unet, vae, text_encoder = comps.unet, comps.vae, comps.text_encoder
-
-        # Every rank must start from the same weights (the reducer never broadcasts them): seed the
-        # initialisers of the injected tuners with the run's seed, the same on all ranks.
-        ms.set_seed(c.seed)
-        self.trainable = self.method.prepare(unet)
-        freeze_all_but((unet, vae, text_encoder), self.trainable)
-        if self.runtime.is_main:
-            logger.info("%s: %s", c.method, count_parameters(unet, self.trainable))
-        self._apply_precision()
-        apply_fast_layers(unet)  # CPU: attention without stored score maps (no-op where mindone fuses it)
-        if c.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-
+        self.components = comps = load_components(c.pretrained_model_name_or_path)
+        self.family = comps.family
         prediction_type = c.prediction_type or comps.prediction_type
         alphas_cumprod = comps.noise_scheduler.alphas_cumprod.asnumpy()
-        loss = DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma)
         self.num_train_timesteps = len(alphas_cumprod)
-        network = LatentDiffusionTrainNet(unet, vae, text_encoder, loss, self.method.controlled_unet)
-        share_repeated_blocks(network)  # the networks are final: blocks are keyed by their structure
         self.lrs = lr_schedule(c.learning_rate, c.lr_scheduler, c.lr_warmup_steps, c.max_train_steps)
-        optimizer = make_optimizer(
-            self.trainable, self.lrs, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.adam_weight_decay
-        )
-        self.train_step = build_train_step(
-            network, optimizer, c.mixed_precision, c.max_grad_norm, c.gradient_accumulation_steps, c.jit_level
-        )
-        self.latent_channels = unet.config.in_channels
+        encoders = Encoders(comps.vae, self.family.prompt_encoder(comps), self.family.latent_scaling(comps.vae),
+                            frozen=[comps.vae, *comps.text_encoders])
+        built = build_step(c, self.method, comps.unet, DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma),
+                           self.lrs, encoders, on_prepared=self._report_parameters)
+        self.train_step, self.trainable = built.train_step, built.trainable
+        self.latent_channels = comps.unet.config.in_channels
         self.latent_size = c.resolution // comps.vae_scale_factor
         self.validator = None
         if c.validation_prompt and self.runtime.is_main:
             from ..sampling import Validator
 
             self.validator = Validator(comps, c.validation_prompt, c.output_dir, c.resolution,
-                                       c.num_validation_images, c.seed, **self._validation_control())
+                                       c.num_validation_images, c.seed, **self.method.validation_inputs(c.resolution))
         return self
 
-    def _validation_control(self) -> dict:
-        """CSC-Tuner runs validate with the tuner being trained, under each prompt's condition image."""
-        controlled = self.method.controlled_unet
-        if controlled is None:
-            return {}
-        from ..data.conditions import load_control_image
-
-        c = self.config
-        paths = c.validation_image * len(c.validation_prompt) if len(c.validation_image) == 1 else c.validation_image
-        return {"controlled": controlled,
-                "condition_images": [load_control_image(p, "none", c.resolution, c.resolution) for p in paths]}
+    def _report_parameters(self, trainable):
+        if self.runtime.is_main:
+            logger.info("%s: %s", self.config.method, count_parameters(self.components.unet, trainable))
 
     def _skip_bad_row(self, error):
         self.num_bad_rows += 1
         logger.warning("skipping bad row: %s", error)
-
-    def _apply_precision(self):
-        """fp16/bf16: frozen weights in low precision, trainable weights kept fp32 (master copy)."""
-        dtype = DTYPES[self.config.mixed_precision]
-        if dtype == ms.float32:
-            return
-        comps = self.components
-        comps.vae.to(dtype)
-        comps.text_encoder.to(dtype)
-        apply_unet_precision(comps.unet, self.trainable, self.config.method, dtype)
 
     # ----------------------------------------------------------------- randomness
     def draw_randomness(self, micro_step: int, batch_size: int):
@@ -249,7 +211,8 @@ class Trainer:
             self.method.save_weights(self.components.unet, tmp)
             save_training_state(
                 tmp, self.train_step,
-                {"global_step": global_step, "micro_step": micro_step, "method": c.method, "seed": c.seed},
+                {"global_step": global_step, "micro_step": micro_step, "method": c.method, "optimizer": c.optimizer,
+                 "seed": c.seed},
             )
         prune_checkpoints(c.output_dir, c.checkpoints_total_limit)
         return path
@@ -297,7 +260,7 @@ class Trainer:
         global_step = micro_step = 0
         resume_path = resolve_resume(c.output_dir, c.resume_from_checkpoint)
         if resume_path:
-            state = load_training_state(resume_path, self.train_step, c.method)
+            state = load_training_state(resume_path, self.train_step, c.method, c.optimizer)
             global_step, micro_step = state["global_step"], state["micro_step"]
             logger.info("resumed from %s at step %d", resume_path, global_step)
         result = TrainResult(global_step=global_step, skipped_samples=self.num_bad_rows)
@@ -305,7 +268,7 @@ class Trainer:
             return result
 
         loader = create_dataloader(
-            self.records, self.components.tokenizer, c.resolution, c.train_batch_size,
+            self.records, self.family.prompt_tokenizer(self.components), c.resolution, c.train_batch_size,
             center_crop=c.center_crop, random_flip=c.random_flip, shuffle=True, seed=c.seed,
             num_shards=rt.world_size, shard_id=rt.rank, start_step=micro_step,
             num_workers=c.dataloader_num_workers, on_bad_sample=c.on_bad_sample,
@@ -330,7 +293,7 @@ class Trainer:
                     inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition)
                     if result.compile_cache is None:
                         result.compile_cache = compile_train_step(
-                            self.train_step, inputs, c.compile_cache_dir, to_dict(c), rt.rank, rt.world_size)
+                            self.train_step, inputs, c.compile_cache_dir, rt.rank, rt.world_size)
                     _, loss = self.train_step(*inputs)
                     micro_step += 1
                     result.skipped_samples += int(batch["num_skipped"].sum())

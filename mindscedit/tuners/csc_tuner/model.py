@@ -1,9 +1,13 @@
 """A UNet forward whose decoder skips are edited by one or more CSC-Tuners.
 
 The skips of mindone's UNet only meet the decoder inside its own forward, and a CSC-Tuner needs
-both the skip and a condition hint at that point. ControlledUNet therefore runs the UNet's own
-sub-Cells in the same order as UNet2DConditionModel.construct (SD1.x/2.x: no class or added
-embeddings), with one step added between encoder and decoder:
+both the skip and a condition hint at that point; mindone's forward has no hook that could take
+the hints in graph mode (the only extra inputs its blocks see, cross_attention_kwargs, are handed
+on to every attention processor). ControlledUNet therefore runs the UNet's own sub-Cells and
+embedding helpers in the same order as UNet2DConditionModel.construct, for any of its
+configurations but class embeddings and image hints: added embeddings (SDXL's text_time: pooled
+text embeds and time ids, as `added_cond_kwargs`) go through the UNet's own get_aug_embed and
+process_encoder_hidden_states. One step is added between encoder and decoder:
 
     skip_i' = skip_i + control_scale * sum_k scale_k * ctrl_k,i
 
@@ -41,8 +45,9 @@ class ControlledUNet(nn.Cell):
     def __init__(self, unet, tuners: Dict[str, CSCTuner], detach: bool = False):
         super().__init__()
         cfg = unet.config
-        if cfg.class_embed_type is not None or cfg.addition_embed_type is not None:
-            raise ValueError("ControlledUNet supports SD1.x/2.x UNets (no class or added embeddings)")
+        if cfg.class_embed_type is not None or cfg.num_class_embeds is not None or \
+                cfg.addition_embed_type == "image_hint" or cfg.center_input_sample:
+            raise ValueError("ControlledUNet supports UNets without class embeddings, image hints or input centring")
         self.unet = unet
         self.names = list(tuners)
         self.tuners = nn.CellList(list(tuners.values()))
@@ -53,12 +58,17 @@ class ControlledUNet(nn.Cell):
     def _detach(self, x):
         return ops.stop_gradient(x) if self.detach else x
 
-    def construct(self, sample, timestep, encoder_hidden_states, conditions, scales, control_scale):
+    def construct(self, sample, timestep, encoder_hidden_states, conditions, scales, control_scale,
+                  added_cond_kwargs=None):
         unet = self.unet
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                     added_cond_kwargs=added_cond_kwargs)
+        if aug_emb is not None:
+            emb = emb + aug_emb
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
-        encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states, None)
+        encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states, added_cond_kwargs)
 
         h = unet.conv_in(sample)
         skips = (h,)

@@ -3,6 +3,7 @@ from typing import List
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2"]
+LORA_TARGET_PRESETS = {"attn": ATTENTION_TARGETS, "attn+ff": ATTENTION_TARGETS + FEED_FORWARD_TARGETS}
 
 
 @dataclass

@@ -8,7 +8,7 @@ subtracts a [.., tokens, 1] row term by implicit broadcasting, and the CPU kerne
 implicitly broadcast binary op keeps 16 bytes of index per output element for as long as the
 graph lives: 1 GiB per attention layer at that size, outside the memory pool.
 
-`apply_fast_layers(unet)` gives every such attention layer an `AttentionCore`: attention over
+`apply_cpu_rewrites(unet)` gives every such attention layer an `AttentionCore`: attention over
 blocks of (batch * heads) slices with a hand-written backward that keeps only Q, K, V and the
 output, recomputes one block's probabilities at a time and folds the row term into a matrix product.
 The processor adds no Parameters, so weights, saved keys and LoRA layers on to_q/to_k/to_v/to_out
@@ -219,13 +219,13 @@ def _is_pointwise(layer) -> bool:
         and not any(layer.padding if isinstance(layer.padding, tuple) else (layer.padding,))
 
 
-def apply_fast_layers(unet, block_elements: int = 1 << 23) -> int:
+def apply_cpu_rewrites(unet, block_elements: int = 1 << 23) -> int:
     """On CPU, swap in the attention core, the GEGLUs' GELU, the ResnetBlock2Ds' time-embedding
     add and the Transformer2DModels' projections; elsewhere (Ascend: mindone's flash attention
     and MindSpore's kernels) leave every layer as it is.
 
     Returns how many layers changed. The switch is mindscedit.layers.cpu_kernel_workarounds
-    (MINDSCEDIT_FAST_LAYERS=0 turns it off on CPU too).
+    (MINDSCEDIT_CPU_REWRITES=0 turns it off on CPU too).
     """
     if not cpu_kernel_workarounds():
         return 0

@@ -1,0 +1,357 @@
+"""Training configuration: one definition gives the YAML keys, the flags, `--help` and the checks.
+
+Every setting is a field of TrainConfig declared with `setting(...)`: its default, a one-line
+description, its choices or lower bound, the `--help` group it is listed under and, for options
+of one method or optimizer, the YAML section it may also be written in (`lora: {rank: 8}` is
+`rank: 8`). Flag names follow diffusers' training scripts, so a user who knows
+train_text_to_image.py knows these. Every check here runs before any model is loaded and fails
+with one line that names the key or flag; checks that only make sense for one method live in
+that method (methods.py).
+"""
+import argparse
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Callable, List, Optional, Sequence, Union
+
+import yaml
+
+from ..errors import UserError
+from ..runtime import BF16_ON_CPU
+
+JIT_LEVELS = ("O0", "O1", "O2")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def _method_names():
+    from .methods import TRAINABLE_METHODS
+
+    return tuple(TRAINABLE_METHODS)
+
+
+def _optimizer_names():
+    from .optimizers import OPTIMIZERS
+
+    return tuple(OPTIMIZERS)
+
+
+def setting(default=None, help: str = "", *, choices: Union[Sequence, Callable, None] = None,
+            at_least: Optional[float] = None, above: Optional[float] = None, group: str = "",
+            section: Optional[str] = None, key: Optional[str] = None, default_factory=None):
+    """A TrainConfig field with what `--help`, the YAML reader and validate() need to know of it.
+
+    choices: the allowed values (or a function returning them, for registries); at_least /
+    above: the bound a number must keep (>= / >); section, key: where the field may also be
+    written in a YAML section (key defaults to the field's name).
+    """
+    metadata = dict(help=help, choices=choices, at_least=at_least, above=above, group=group,
+                    section=section, key=key)
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _default_compile_cache() -> str:
+    return os.environ.get("MINDSCEDIT_COMPILE_CACHE", os.path.join("~", ".cache", "mindscedit", "compile"))
+
+
+RUN, DATA, OPTIM, LORA, TUNER, CONTROL, DEVICE, OUTPUT, VALIDATION = (
+    "what to train", "data", "optimisation", "LoRA (method lora)", "SC-Tuner and CSC-Tuner (methods scedit, "
+    "scedit_control)", "controllable generation (method scedit_control)", "runtime", "outputs", "validation images",
+)
+
+
+@dataclass
+class TrainConfig:
+    method: str = setting("scedit", "what to fine-tune: the whole UNet, LoRA adapters, SC-Tuners on the skips, or a "
+                          "CSC-Tuner for a condition", choices=_method_names, group=RUN)
+    pretrained_model_name_or_path: Optional[str] = setting(None, "diffusers model folder (required)", group=RUN)
+    output_dir: str = setting("outputs/run", "checkpoints, logs and final weights go here", group=RUN)
+    seed: int = setting(0, "seeds weights' initialisation, data order, noise and timesteps", at_least=0, group=RUN)
+
+    train_data_dir: Optional[str] = setting(None, "image folder (metadata.jsonl or captions), parquet/jsonl file or "
+                                            "a folder of them", group=DATA)
+    dataset_name: Optional[str] = setting(None, "a downloaded dataset folder (same formats as train_data_dir)",
+                                          group=DATA)
+    image_column: str = setting("image", "column holding the images", group=DATA)
+    caption_column: str = setting("text", "column holding the captions", group=DATA)
+    resolution: int = setting(512, "training image side in pixels (a multiple of 8)", group=DATA)
+    center_crop: bool = setting(False, "crop the centre instead of a random crop", group=DATA)
+    random_flip: bool = setting(False, "flip half of the images horizontally", group=DATA)
+    # one decodes ~100 samples/s of 512² photos; two leave headroom (scripts/bench_loader.py)
+    dataloader_num_workers: int = setting(2, "loader processes per card", at_least=1, group=DATA)
+    on_bad_sample: str = setting("skip", "an unreadable image or empty caption: warn and skip it, or stop",
+                                 choices=("skip", "error"), group=DATA)
+
+    train_batch_size: int = setting(1, "images per card per micro-step", at_least=1, group=OPTIM)
+    max_train_steps: int = setting(1000, "optimizer steps to train", at_least=1, group=OPTIM)
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step", at_least=1, group=OPTIM)
+    optimizer: str = setting("adamw", "the optimizer", choices=_optimizer_names, group=OPTIM)
+    learning_rate: float = setting(1e-4, "peak learning rate", above=0, group=OPTIM)
+    lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' names)", choices=LR_SCHEDULERS,
+                                group=OPTIM)
+    lr_warmup_steps: int = setting(0, "steps of linear warm-up", at_least=0, group=OPTIM)
+    adam_beta1: float = setting(0.9, "AdamW's first-moment decay", group=OPTIM, section="adamw", key="beta1")
+    adam_beta2: float = setting(0.999, "AdamW's second-moment decay", group=OPTIM, section="adamw", key="beta2")
+    adam_epsilon: float = setting(1e-8, "AdamW's epsilon", group=OPTIM, section="adamw", key="epsilon")
+    adam_weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay", group=OPTIM, section="adamw",
+                                       key="weight_decay")
+    max_grad_norm: Optional[float] = setting(1.0, "clip gradients to this global norm (none: no clipping)", above=0,
+                                             group=OPTIM)
+    snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5.0 is usual; none: plain MSE)",
+                                         above=0, group=OPTIM)
+    noise_offset: float = setting(0.0, "noise offset (0.05-0.1 darkens/brightens better)", at_least=0, group=OPTIM)
+    prediction_type: Optional[str] = setting(None, "training target (none: the model's scheduler config)",
+                                             choices=("epsilon", "v_prediction"), group=OPTIM)
+    max_nonfinite_steps: int = setting(20, "stop (exit 1) after this many non-finite steps in a row", at_least=1,
+                                       group=OPTIM)
+
+    rank: int = setting(4, "LoRA rank", at_least=1, group=LORA, section="lora")
+    lora_alpha: Optional[float] = setting(None, "LoRA alpha (none: the rank)", above=0, group=LORA, section="lora",
+                                          key="alpha")
+    lora_target_modules: List[str] = setting(
+        help="layer names to adapt (to_q, to_k, to_v, to_out.0; ff.net.0.proj, ff.net.2 for feed-forward)",
+        group=LORA, section="lora", key="target_modules",
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    use_dora: bool = setting(False, "DoRA: LoRA plus a learned magnitude per output", group=LORA, section="lora")
+
+    down_ratio: float = setting(1.0, "tuner hidden width / skip channels", above=0, group=TUNER, section="scedit")
+
+    control_type: str = setting("canny", "a built-in annotator (canny, color, grayscale, inpainting), or the name of "
+                                "the dataset-supplied condition", group=CONTROL, section="control", key="type")
+    conditioning_image_column: Optional[str] = setting(None, "dataset column holding the condition images",
+                                                       group=CONTROL, section="control")
+    dense_hint_kernel: int = setting(3, "kernel of the per-skip hint convolutions", choices=(1, 3), group=CONTROL,
+                                     section="control")
+    canny_low_threshold: int = setting(100, "canny annotator's low threshold", at_least=0, group=CONTROL,
+                                       section="control")
+    canny_high_threshold: int = setting(200, "canny annotator's high threshold", at_least=0, group=CONTROL,
+                                        section="control")
+
+    device_target: str = setting("auto", "auto: Ascend when MindSpore can use it, else CPU",
+                                 choices=("auto", "CPU", "Ascend"), group=DEVICE)
+    jit_level: str = setting("O0", "graph compile level (O2: Ascend only)", choices=JIT_LEVELS, group=DEVICE)
+    mixed_precision: str = setting("no", "compute dtype (no: fp32); fp16 with loss scaling, bf16 on Ascend",
+                                   choices=MIXED_PRECISIONS, group=DEVICE)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, slower",
+                                           group=DEVICE)
+    distributed: bool = setting(False, "data-parallel over the cards msrun launched", group=DEVICE)
+    compile_cache_dir: str = setting(
+        help="compiled train steps are kept here and reused by later runs of the same setup (\"\": off)",
+        group=DEVICE, default_factory=_default_compile_cache)
+
+    checkpointing_steps: int = setting(500, "save a resumable checkpoint every this many steps", at_least=1,
+                                       group=OUTPUT)
+    checkpoints_total_limit: Optional[int] = setting(None, "keep only the newest this many checkpoints", at_least=1,
+                                                     group=OUTPUT)
+    resume_from_checkpoint: Optional[str] = setting(None, "a checkpoint folder, or latest", group=OUTPUT)
+    logging_steps: int = setting(1, "log loss, lr, s/step and img/s every this many steps", at_least=1,
+                                 group=OUTPUT)
+
+    validation_prompt: List[str] = setting(help="prompt sampled every validation_steps on rank 0 (repeatable)",
+                                           group=VALIDATION, default_factory=list)
+    validation_steps: int = setting(100, "sample the validation prompts every this many steps", at_least=1,
+                                    group=VALIDATION)
+    num_validation_images: int = setting(4, "images per validation prompt", at_least=1, group=VALIDATION)
+    validation_image: List[str] = setting(
+        help="scedit_control: the condition image of the validation prompts, one for all or one per prompt "
+             "(an edge map for canny: `mindscedit annotate` makes one; repeatable)",
+        group=VALIDATION, default_factory=list)
+
+    @property
+    def data_source(self) -> str:
+        return self.train_data_dir or self.dataset_name
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+# List keys whose items may contain commas (prompts, paths): a string is one item, a flag repeats.
+WHOLE_ITEM_LISTS = ("validation_prompt", "validation_image")
+# YAML section -> {key in the section: field}
+SECTIONS = {}
+for _f in fields(TrainConfig):
+    if _f.metadata["section"]:
+        SECTIONS.setdefault(_f.metadata["section"], {})[_f.metadata["key"] or _f.name] = _f.name
+
+
+def choices_of(name: str) -> Optional[tuple]:
+    choices = FIELDS[name].metadata["choices"]
+    return tuple(choices()) if callable(choices) else choices
+
+
+def _suggest(key: str, known=None) -> str:
+    close = difflib.get_close_matches(key, list(known or FIELDS), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field_kind(key: str):
+    """(base type, optional?) of a field: Optional[float] -> (float, True), List[str] -> (list, False)."""
+    annotation = FIELDS[key].type
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = typing.get_origin(annotation) is typing.Union and len(args) == 1
+    if optional:
+        annotation = args[0]
+    if typing.get_origin(annotation) in (list, List):
+        return list, optional
+    return annotation, optional
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list"}
+
+
+def _coerce(key: str, value, where: str):
+    """Convert a YAML/flag value to the field's type, or fail naming the key."""
+    kind, optional = _field_kind(key)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UserError(f"{where}: '{key}' cannot be empty")
+    try:
+        if kind is list:
+            if isinstance(value, str):
+                value = [value] if key in WHOLE_ITEM_LISTS else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return [str(v) for v in value]
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise TypeError
+        if kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise TypeError
+            return int(float(value))
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: '{key}' must be {KIND_NAMES[kind]}, got {value!r}") from None
+
+
+def read_config_file(path: str) -> dict:
+    """The file's keys as field names: sections (`lora: {rank: 8}`) flattened to their fields."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values")
+    values = {}
+    for key, value in loaded.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if sub_key not in SECTIONS[key]:
+                    raise UserError(f"{path}: unknown key '{sub_key}' in section '{key}' (known: "
+                                    f"{', '.join(SECTIONS[key])}){_suggest(sub_key, SECTIONS[key])}")
+                name = SECTIONS[key][sub_key]
+                if name in values:
+                    raise UserError(f"{path}: '{key}.{sub_key}' and '{name}' both set")
+                values[name] = _coerce(name, sub_value, f"{path}: {key}")
+            continue
+        if key not in FIELDS:
+            raise UserError(f"{path}: unknown key '{key}'{_suggest(key, list(FIELDS) + list(SECTIONS))}")
+        if key in values:
+            raise UserError(f"{path}: '{key}' set both in a section and at the top")
+        values[key] = _coerce(key, value, path)
+    return values
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
+    """YAML file, then overrides (flags) on top; validated."""
+    values = read_config_file(path) if path else {}
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise UserError(f"unknown flag --{key}{_suggest(key)}")
+        values[key] = _coerce(key, value, f"--{key}")
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def _check(condition: bool, message: str):
+    if not condition:
+        raise UserError(message)
+
+
+def _check_declared(config: TrainConfig) -> None:
+    """Choices and bounds, as each field declares them."""
+    for f in fields(TrainConfig):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        choices = choices_of(f.name)
+        if choices is not None and isinstance(value, str):
+            _check(value in choices, f"{f.name}: '{value}' is not one of {', '.join(choices)}")
+        elif choices is not None:
+            _check(value in choices, f"{f.name} must be {' or '.join(map(str, choices))}, got {value}")
+        if meta["at_least"] is not None:
+            _check(value >= meta["at_least"], f"{f.name} must be >= {meta['at_least']}, got {value}")
+        if meta["above"] is not None:
+            _check(value > meta["above"], f"{f.name} must be > {meta['above']}, got {value}")
+
+
+def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
+    from .methods import method_class
+
+    _check_declared(config)
+    _check(config.pretrained_model_name_or_path is not None, "pretrained_model_name_or_path is required")
+    _check(config.data_source is not None, "one of train_data_dir or dataset_name is required")
+    _check(config.resolution > 0 and config.resolution % 8 == 0,
+           f"resolution must be a positive multiple of 8, got {config.resolution}")
+    _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
+    method_class(config.method).check(config)
+    if device_target == "CPU":
+        _check(config.jit_level != "O2", "jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
+        _check(config.mixed_precision != "bf16", BF16_ON_CPU)
+
+
+def _help_text(f) -> str:
+    meta = f.metadata
+    parts = [meta["help"]]
+    if meta["at_least"] is not None:
+        parts.append(f">= {meta['at_least']:g}")
+    if meta["above"] is not None:
+        parts.append(f"> {meta['above']:g}")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        parts.append(f"default: {str(default).lower()}")
+    elif default not in (None, [], ""):
+        parts.append(f"default: {','.join(default) if isinstance(default, list) else default}")
+    if meta["section"]:
+        parts.append(f"YAML: {meta['section']}.{meta['key'] or f.name}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per config key, under its group; values stay strings here and are typed by load_config."""
+    groups = {}
+    for f in fields(TrainConfig):
+        group_name = f.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        group, kind = groups[group_name], _field_kind(f.name)[0]
+        metavar = "{" + ",".join(map(str, choices_of(f.name))) + "}" if choices_of(f.name) else kind.__name__.upper()
+        if f.name in WHOLE_ITEM_LISTS:  # repeatable: --validation_prompt "a, b" --validation_prompt "c"
+            group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar="TEXT",
+                               action="append", help=_help_text(f))
+        elif kind is bool:  # given bare (--center_crop) it is true, as in diffusers' scripts
+            group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar="{true,false}",
+                               nargs="?", const="true", help=_help_text(f))
+        else:  # a value is required: a bare --output_dir is an error, not a folder named "true"
+            group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                               help=_help_text(f))
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

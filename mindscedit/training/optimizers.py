@@ -1,0 +1,102 @@
+"""Optimizers the training step can run, and what each keeps between steps.
+
+An optimizer here is a MindSpore Optimizer with two additions the rest of the package relies on:
+
+- `construct(gradients, apply, grad_factor)`: the branch-free step's gate. When `apply` is
+  False nothing may change (weights, state, step count); `grad_factor` is a scalar every
+  gradient is multiplied by first (loss-scale unscaling and clipping, folded into one factor).
+- `state_slots()` / `scalar_state()`: the tensors that make up its state, by name, so that
+  checkpoints save and restore them without knowing which optimizer wrote them.
+
+A new optimizer is a class with those, a builder that reads its settings from the training
+config, and one entry in OPTIMIZERS.
+"""
+from typing import Callable, Dict, List, Sequence
+
+import mindspore as ms
+from mindspore import ops
+from mindspore.ops import composite as C
+from mindspore.ops import functional as F
+from mindone.trainers.adamw_mf import AdamW
+
+
+_fused_adamw = C.MultitypeFuncGraph("fused_adamw")
+_adam_weight_decay = ops.AdamWeightDecay()
+
+
+@_fused_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Tensor", "Tensor")
+def _fused_adamw_update(apply, grad_factor, lr, beta1, beta2, eps, decay, param, grad, exp_avg, exp_avg_sq):
+    """One fused kernel per parameter on grad * grad_factor (a scalar: no broadcast index, see
+    models/cpu_rewrites.py); a gated-off step feeds it a zero gradient, so a non-finite gradient
+    never reaches the moments."""
+    grad = grad.astype(ms.float32) * grad_factor
+    grad = ops.select(ops.broadcast_to(apply, grad.shape), grad, ops.zeros_like(grad))
+    return _adam_weight_decay(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, grad)
+
+
+class GatedAdamW(AdamW):
+    """mindone's AdamW (bias-corrected, decoupled decay, as torch.optim.AdamW) with an `apply`
+    flag: when it is False the weights, moments, step count and learning-rate position all stay
+    as they were.
+
+    The update runs as MindSpore's fused AdamWeightDecay kernel, one node per parameter instead of
+    some twenty, which matters for compile time when every UNet weight trains. That kernel has no
+    bias correction, so torch's is folded into its scalars: with c1 = 1 - beta1^t and
+    c2 = 1 - beta2^t, lr' = lr * sqrt(c2) / c1, eps' = eps * sqrt(c2), decay' = decay * c1 / sqrt(c2)
+    give w - lr' * (m / (sqrt(v) + eps') + decay' * w), which is torch's
+    w * (1 - lr * decay) - lr / c1 * m / (sqrt(v / c2) + eps). A gated-off step runs the kernel with
+    lr' = 0 and both betas 1, which leaves w, m and v exactly as they were. `grad_factor` scales
+    every gradient first (the branch-free step's unscaling and clipping).
+    """
+
+    def construct(self, gradients, apply=True, grad_factor=1.0):
+        apply = ops.logical_and(ms.Tensor(True), apply)  # a bool Tensor whether given a constant or not
+        grad_factor = ops.cast(grad_factor, ms.float32).reshape(())
+        beta1, beta2 = self.beta1.reshape(()), self.beta2.reshape(())
+        step = (self.global_step + 1).astype(ms.float32).reshape(())
+        correction1 = 1.0 - ops.pow(beta1, step)
+        sqrt_correction2 = ops.sqrt(1.0 - ops.pow(beta2, step))
+        one, zero = ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)
+        lr = ops.select(apply, self.get_lr().reshape(()) * sqrt_correction2 / correction1, zero)
+        updates = self.hyper_map(
+            F.partial(
+                _fused_adamw,
+                apply,
+                grad_factor,
+                lr,
+                ops.select(apply, beta1, one),
+                ops.select(apply, beta2, one),
+                self.eps.reshape(()) * sqrt_correction2,
+                self.weight_decay * correction1 / sqrt_correction2,
+            ),
+            self._parameters, self.flatten_gradients(gradients), self.exp_avg, self.exp_avg_sq,
+        )
+        ops.assign_add(self.global_step, apply.astype(self.global_step.dtype))
+        return updates
+
+    def state_slots(self) -> Dict[str, Sequence[ms.Parameter]]:
+        """Per-weight state, one list per slot in the order of `self.parameters`. The slot names
+        are the checkpoint keys' prefixes (`adam_m/<weight path>`)."""
+        return {"adam_m": self.exp_avg, "adam_v": self.exp_avg_sq}
+
+    def scalar_state(self) -> Dict[str, ms.Parameter]:
+        return {"optimizer/global_step": self.global_step}
+
+
+def adamw(params: List[ms.Parameter], lrs: List[float], beta1: float = 0.9, beta2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 1e-2) -> GatedAdamW:
+    """AdamW (decoupled weight decay, bias-corrected, as torch.optim.AdamW) on a per-step LR list."""
+    return GatedAdamW(params, learning_rate=lrs, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+
+
+def _adamw_from_config(params, lrs, config) -> GatedAdamW:
+    return adamw(params, lrs, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.adam_weight_decay)
+
+
+# name -> builder(trainable parameters, per-step learning rates, training config)
+OPTIMIZERS: Dict[str, Callable] = {"adamw": _adamw_from_config}
+
+
+def build_optimizer(name: str, params: List[ms.Parameter], lrs: List[float], config):
+    return OPTIMIZERS[name](params, lrs, config)
