@@ -1,8 +1,9 @@
 """`mindscedit` command line: train, sample, annotate, make-tiny-model, check-data, bench, convert.
 
-Exit codes of train and check-data: 0 done (also after SIGINT/SIGTERM, which save a checkpoint
-first); 1 a run stopped by max_nonfinite_steps, or check-data found problems; 2 bad input (one
-line `error: ...`).
+Exit codes: 0 done (train also after SIGINT/SIGTERM, which save a checkpoint first); 1 a run
+stopped by max_nonfinite_steps, check-data found problems, or a bench case crashed; 2 bad input
+(one line `error: ...` naming the file, row, key or flag); 3 an unexpected failure (one line;
+`mindscedit --debug <command> ...` shows the traceback).
 """
 import argparse
 import logging
@@ -19,7 +20,7 @@ def _setup_logging():
 
 def config_overrides(args) -> dict:
     """The config keys given as train flags."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "subparser")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "subparser", "debug")}
 
 
 def cmd_train(args):
@@ -42,9 +43,13 @@ def cmd_train(args):
         summary.append(f"first step (graph compile{cache}) {result.compile_seconds:.1f} s")
     if result.skipped_samples:
         summary.append(f"{result.skipped_samples} bad samples skipped")
-    print("done: " + ", ".join(summary) + f"; weights in {config.output_dir}")
     if result.stopped_early:
-        print(f"stopped early: {result.stopped_early}; resume with --resume_from_checkpoint latest")
+        checkpoint = os.path.join(config.output_dir, f"checkpoint-{result.global_step}")
+        print("stopped: " + ", ".join(summary) + f"; checkpoint in {checkpoint}")
+        print(f"stopped early: {result.stopped_early}; resume with the same command plus "
+              "--resume_from_checkpoint latest")
+    else:
+        print("done: " + ", ".join(summary) + f"; weights in {config.output_dir}")
     return 1 if result.diverged else 0
 
 
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.config import add_config_flags
 
     parser = argparse.ArgumentParser(prog="mindscedit", allow_abbrev=False)
+    debug_help = "on an unexpected failure, show the full traceback"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune the UNet (vanilla), LoRA/DoRA, SC-Tuners or a CSC-Tuner", allow_abbrev=False)
@@ -169,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--resnets_per_block", type=int, default=3,
                       help="scepter -> swift: resnets per UNet up block (3 for SD1.x/2.x/SDXL)")
     conv.set_defaults(func=cmd_convert, subparser=conv)
+    for command in sub.choices.values():  # also after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -186,6 +195,10 @@ def reject_unknown_arguments(extra, subparser) -> None:
         raise UserError(f"unexpected argument '{arg}'")
 
 
+EXIT_BAD_INPUT = 2  # one `error:` line naming the file, row, key or flag
+EXIT_UNEXPECTED = 3  # a failure that is not the input's fault (exit 1: a diverged run, or problems check-data found)
+
+
 def main(argv=None) -> int:
     _setup_logging()
     parser = build_parser()
@@ -195,7 +208,14 @@ def main(argv=None) -> int:
         return args.func(args) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001: the guard turns any crash into a short message and its own code
+        if args.debug:
+            raise
+        reason = " ".join(str(err).split())[:300] or "no message"
+        print(f"error: mindscedit {args.command} failed unexpectedly: {type(err).__name__}: {reason} "
+              f"(rerun with --debug for the full traceback)", file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 by `mindscedit check-data` without training."""
 import io
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -69,9 +70,9 @@ def check_data(capsys, *args):
 # Each case: the bad line's cells, its image file, and what the message must say.
 TRUNCATED = "truncated"
 ROW_CASES = {
-    "corrupt_image": ({}, b"\x89PNG\r\n\x1a\n this is not really an image", "cannot decode image"),
-    "truncated_image": ({}, TRUNCATED, "cannot decode image"),
-    "missing_image_file": ({"file_name": "nowhere.png"}, None, "cannot decode image: FileNotFoundError"),
+    "corrupt_image": ({}, b"\x89PNG\r\n\x1a\n this is not really an image", "(bad.png): cannot decode image"),
+    "truncated_image": ({}, TRUNCATED, "(bad.png): cannot decode image"),
+    "missing_image_file": ({"file_name": "nowhere.png"}, None, "(nowhere.png): cannot decode image: FileNotFoundError"),
     "empty_caption": ({"text": "  "}, "photo", "caption is empty"),
     "missing_caption": ({"text": None}, "photo", "caption is missing"),
     "missing_column": ({"text": ...}, "photo", "missing column 'text'"),
@@ -90,7 +91,7 @@ def bad_image_bytes(kind, photos):
 def test_bad_row_is_named_skipped_or_refused(case, photo_bytes, tokenizer, tmp_path, capsys, caplog):
     row, image, expected = ROW_CASES[case]
     path = write_dataset(tmp_path / case, photo_bytes, row, bad_image_bytes(image, photo_bytes))
-    culprit = f"metadata.jsonl line {BAD_LINE}: {expected}"
+    culprit = f"metadata.jsonl line {BAD_LINE}{'' if expected.startswith('(') else ':'} {expected}"
 
     # check-data: exactly this one problem, then the summary; exit 1
     code, out, _ = check_data(capsys, path, "--resolution", 32)
@@ -99,7 +100,7 @@ def test_bad_row_is_named_skipped_or_refused(case, photo_bytes, tokenizer, tmp_p
     assert out[1] == "checked 4 rows: 1 problems (1 bad rows that training skips)"
 
     # on_bad_sample=error: the first use of the row raises, naming it
-    with pytest.raises(DataError, match=culprit) as info:
+    with pytest.raises(DataError, match=re.escape(culprit)) as info:
         records = load_records(path)
         dataset = TextImageDataset(records, ImageTransform(32), tokenizer, on_bad_sample="error")
         for index in range(len(dataset)):
@@ -164,7 +165,7 @@ def test_check_data_reports_every_problem_at_once(photo_bytes, tmp_path, capsys)
     assert code == 1
     assert out == [
         "metadata.jsonl line 3: caption is empty",
-        "metadata.jsonl line 6: cannot decode image: UnidentifiedImageError: not an image format PIL can read",
+        "metadata.jsonl line 6 (junk.png): cannot decode image: UnidentifiedImageError: not an image format PIL can read",
         "metadata.jsonl line 5: image is 8x8, smaller than the resolution 32 (training upscales it)",
         "checked 6 rows: 3 problems (2 bad rows that training skips, 1 images smaller than the resolution)",
     ]
@@ -214,7 +215,7 @@ def test_loader_counts_skips_across_worker_processes(photo_bytes, tokenizer, tmp
     failing = create_dataloader(records, tokenizer, 32, batch_size=4, num_workers=2, on_bad_sample="error")
     with pytest.raises(DataError) as info:  # one line again, not MindSpore's worker traceback
         next(iterate_batches(failing))
-    assert str(info.value).startswith(f"metadata.jsonl line {BAD_LINE}: cannot decode image")
+    assert str(info.value).startswith(f"metadata.jsonl line {BAD_LINE} (bad.png): cannot decode image")
     assert "\n" not in str(info.value)
 
 
@@ -227,5 +228,6 @@ def test_train_with_on_bad_sample_error_stops_with_one_line(tiny_model_dir, phot
     ])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1] == "error: metadata.jsonl line 2: cannot decode image: UnidentifiedImageError: not an image format PIL can read"
+    assert err[-1] == ("error: metadata.jsonl line 2 (bad.png): cannot decode image: UnidentifiedImageError: not an "
+                       "image format PIL can read")
     assert not any("Traceback" in line for line in err)

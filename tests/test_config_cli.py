@@ -129,3 +129,20 @@ def test_shipped_configs_are_valid(name):
     assert config.method in ("vanilla", "lora", "scedit", "scedit_control")
     if name.startswith("tiny"):
         validate(config, device_target="CPU")  # the CPU demo configs must run here
+
+
+def test_an_unexpected_failure_is_one_line_with_its_own_exit_code(monkeypatch, capsys):
+    import mindscedit.convert as convert_module
+
+    def crash(*args):
+        raise RuntimeError("the device went away\nsecond line")
+
+    monkeypatch.setattr(convert_module, "convert", crash)
+    argv = ["convert", "--from", "swift", "--to", "scepter", "in", "out"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: mindscedit convert failed unexpectedly: RuntimeError: the device went away second line "
+                   "(rerun with --debug for the full traceback)")
+    for debug in (["--debug"] + argv, argv + ["--debug"]):  # before or after the command
+        with pytest.raises(RuntimeError, match="the device went away"):
+            main(debug)

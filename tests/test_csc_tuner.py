@@ -239,7 +239,7 @@ def test_condition_that_does_not_fit_names_the_row(photos_dir, tmp_path):
         dataset[0]
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x", "depth": "gone.png"}) + "\n")
     dataset.records = load_records(str(tmp_path), condition_column="depth")
-    with pytest.raises(DataError, match=r"metadata.jsonl line 1 \(condition\): cannot decode image"):
+    with pytest.raises(DataError, match=r"metadata.jsonl line 1 \(condition\) \(gone.png\): cannot decode image"):
         dataset[0]
 
 

@@ -164,6 +164,8 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(
     result = trainer.train()  # --resume_from_checkpoint latest
     assert result.global_step == 8 and len(result.losses) == 6  # steps 3..8: lost only steps 3-4
     assert not glob.glob(str(out / ".*.tmp-*"))  # the stale temporary is gone
+    # The log was cut back to the checkpoint's step: every step is logged once, the re-run ones anew.
+    assert [r["step"] for r in logged_steps(out)] == list(range(1, 9))
     # Same losses and the same step-4 state (weights, AdamW moments, loss scale) as the killed run had.
     np.testing.assert_allclose(result.losses[:2], [r["loss"] for r in before_kill[2:]], rtol=1e-5)
     expected = load_file(str(reference / "training_state.safetensors"))
@@ -348,6 +350,49 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_model_dir, data_dir, t
                 proc.kill()
     assert proc.returncode == 0, open(tmp_path / "stderr.txt").read()[-3000:]
     last_step = logged_steps(out)[-1]["step"]
-    assert "stopped early: received SIGTERM; resume with --resume_from_checkpoint latest" in stdout
-    assert f"done: step {last_step}," in stdout
+    assert "stopped early: received SIGTERM; resume with the same command plus --resume_from_checkpoint latest" in stdout
+    assert f"stopped: step {last_step}," in stdout and f"checkpoint in {out / f'checkpoint-{last_step}'}" in stdout
+    assert "done:" not in stdout and "weights in" not in stdout  # no final weights were written
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [f"checkpoint-{last_step}"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    import socket
+
+    from mindscedit.training.run_lock import LOCK_FILE, OutputLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": running.pid, "host": socket.gethostname()}))
+        monkeypatch.setattr(trainer_module, "load_components", lambda *a: pytest.fail("a model was loaded"))
+        args = ["train", "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", str(PHOTOS16),
+                "--output_dir", str(out), "--device_target", "CPU"]
+        assert main(args) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert err == [f"error: output_dir {out} is in use by a running training (pid {running.pid} on "
+                       f"{socket.gethostname()}); use another output_dir, or stop that run first (if it is gone, "
+                       f"delete {out / LOCK_FILE})"]
+    finally:
+        running.kill()
+        running.wait()
+    # Its process gone (as after SIGKILL), the lock is taken over; leaving releases it.
+    with OutputLock(str(out)):
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_fresh_run_into_another_methods_checkpoints_is_refused(tmp_path):
+    from mindscedit.training.run_lock import check_checkpoints_fit
+
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "state.json").write_text(json.dumps({"global_step": 3, "method": "lora",
+                                                                      "model": "/models/sd15"}))
+    with pytest.raises(UserError, match=r"holds checkpoints of a run with method 'lora' \(this run: 'scedit'\); use "
+                                        r"another output_dir, or resume them with --resume_from_checkpoint latest"):
+        check_checkpoints_fit(str(tmp_path), "scedit", "/models/sd15", resuming=False)
+    with pytest.raises(UserError, match=r"with model '/models/sd15' \(this run: '/models/sd21'\)"):
+        check_checkpoints_fit(str(tmp_path), "lora", "/models/sd21", resuming=False)
+    check_checkpoints_fit(str(tmp_path), "lora", "/models/sd15", resuming=False)  # the same run again: fine
+    check_checkpoints_fit(str(tmp_path), "scedit", "/models/sd15", resuming=True)  # resume checks it whole itself

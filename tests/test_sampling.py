@@ -1,5 +1,6 @@
 """Sampling: determinism, SC-Tuner scale 0, guidance 1, every scheduler, v-prediction, PNGs, CLI, validation."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -263,7 +264,7 @@ def test_cli_sample_in_fp16_is_close_to_fp32(tiny_model_dir, scedit_dir, lora_fi
 
 
 @pytest.mark.slow
-def test_validation_leaves_the_training_losses_unchanged(tiny_model_dir, photos_dir, tmp_path):
+def test_validation_leaves_the_training_losses_unchanged(tiny_model_dir, photos_dir, tmp_path, caplog):
     from mindscedit.training.config import load_config
     from mindscedit.training.trainer import Trainer
 
@@ -275,7 +276,9 @@ def test_validation_leaves_the_training_losses_unchanged(tiny_model_dir, photos_
         ))
         return Trainer(config).train()
 
-    plain = run(tmp_path / "plain")
+    with caplog.at_level(logging.INFO, logger="mindscedit"):
+        plain = run(tmp_path / "plain", resume_from_checkpoint="latest")  # nothing to resume: says so, starts at 0
+    assert f"resume_from_checkpoint latest: no checkpoint in {tmp_path / 'plain'} yet; starting from step 0" in caplog.text
     validated = run(tmp_path / "validated", validation_prompt=["a photo, outdoors"], validation_steps=2,
                     num_validation_images=2)
     assert validated.losses == plain.losses
@@ -317,3 +320,56 @@ def test_cli_sample_refuses_bf16_on_cpu_in_one_line(tiny_model_dir, tmp_path, ca
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel)"]
     assert not (tmp_path / "out").exists()
+
+
+def _with_a_nan(source: str, target: str) -> str:
+    """A copy of a safetensors file with one NaN in its first tensor (sorted by key)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(source)
+    with safe_open(source, framework="np") as f:
+        metadata = f.metadata()
+    first = sorted(state)[0]
+    state[first] = state[first].copy()
+    state[first].flat[0] = np.nan
+    save_file(state, target, metadata=metadata)
+    return first
+
+
+@pytest.mark.parametrize("kind", ["lora", "scedit"])
+def test_weights_holding_nan_are_refused_naming_file_and_key(kind, tiny_model_dir, scedit_dir, lora_file, tmp_path,
+                                                             capfd):
+    from mindscedit.cli import main
+
+    source = lora_file if kind == "lora" else os.path.join(scedit_dir, "adapter_model.safetensors")
+    target = str(tmp_path / os.path.basename(source))
+    key = _with_a_nan(source, target)
+    out = tmp_path / "out"
+    argv = ["sample", "--pretrained_model_name_or_path", tiny_model_dir, f"--{kind}", target, "--prompt", "a cat",
+            "--num_inference_steps", "1", "--height", "32", "--width", "32", "--output_dir", str(out),
+            "--device_target", "CPU"]
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert f"error: {target}: '{key}' holds 1 non-finite value(s) (NaN or Inf); refusing to load it" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--tuner_scale", "--lora_scale", "--guidance_scale", "--control_scale"])
+def test_a_non_finite_strength_is_bad_input(flag, capfd):
+    from mindscedit.cli import main
+
+    assert main(["sample", "--pretrained_model_name_or_path", "m", "--prompt", "a", flag, "nan",
+                 "--output_dir", "o"]) == 2
+    assert f"{flag} must be" in capfd.readouterr().err
+
+
+def test_non_finite_latents_are_reported_not_saved_as_black_images():
+    from mindscedit.errors import UserError
+
+    latents = np.zeros((4, 4, 2, 2), np.float32)
+    Sampler._check_finite(latents, ["a", "b"], [0, 1, 0, 1], 2)  # all finite: nothing to say
+    latents[3, 0, 0, 0] = np.inf
+    with pytest.raises(UserError, match=r"non-finite latents for 1 of 4 images \(first: prompt 'b', seed 1\); "
+                                        r"no image was written"):
+        Sampler._check_finite(latents, ["a", "b"], [0, 1, 0, 1], 2)

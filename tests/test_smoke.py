@@ -96,6 +96,9 @@ def test_each_method_trains_through_the_compile_cache(method, tiny_model_dir, ph
 
     losses = [json.loads(line)["loss"] for line in open(out / "logs.jsonl")]
     assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
+    # Output to a pipe: plain progress lines, no progress-bar redraws, no library banners.
+    assert "step 2/2: loss " in proc.stderr and "\r" not in proc.stderr
+    assert "Get New FA API" not in proc.stdout and "None of PyTorch" not in proc.stderr
     # The step that ran after the reload from the cache still trains: step 2 moved the weights.
     first, second = trained_params(out / "checkpoint-1"), trained_params(out / "checkpoint-2")
     assert first.keys() == second.keys() and first

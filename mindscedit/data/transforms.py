@@ -1,5 +1,6 @@
 """Image decoding and the resize / crop / flip / normalise transform used for training."""
 import io
+import os
 from typing import Any, Dict, Tuple, Union
 
 import numpy as np
@@ -15,7 +16,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def decode_image(image: Union[bytes, str], origin: str) -> Image.Image:
-    """Decode encoded bytes or an image file; raise DataError naming ``origin`` if that fails."""
+    """Decode encoded bytes or an image file; raise DataError naming ``origin`` (and the file's
+    name, for a file that ``origin`` does not already name) if that fails."""
+    where = origin
+    if isinstance(image, str) and image not in origin:
+        where = f"{origin} ({os.path.basename(image)})"
     try:
         if isinstance(image, str):
             with open(image, "rb") as handle:
@@ -29,7 +34,7 @@ def decode_image(image: Union[bytes, str], origin: str) -> Image.Image:
             message = "not an image format PIL can read"
         else:
             message = " ".join(str(exc).split())
-        raise DataError(f"{origin}: cannot decode image: {type(exc).__name__}: {message}") from exc
+        raise DataError(f"{where}: cannot decode image: {type(exc).__name__}: {message}") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -4,7 +4,6 @@ CSC-Tuner's parameter count and training memory are compared with (mindscedit be
 mindone's ControlNetModel (a trainable copy of the UNet's encoder and mid block, built with
 ControlNetModel.from_unet) feeds its zero-conv residuals to the frozen UNet's skips.
 """
-import mindspore as ms
 from mindspore import nn
 
 

@@ -1,5 +1,6 @@
 """`mindscedit sample`: load a model folder, put trained weights on it, write PNGs and grids."""
 import argparse
+import math
 import os
 from typing import List
 
@@ -59,6 +60,11 @@ def run_sample(args) -> dict:
     for flag in ("num_inference_steps", "num_images_per_prompt"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("guidance_scale", "tuner_scale", "lora_scale"):
+        if not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag} must be a finite number, got {getattr(args, flag)}")
+    if not all(math.isfinite(v) for v in args.control_scale):
+        raise UserError(f"--control_scale must be finite numbers, got {args.control_scale}")
     if len(args.control_image) != len(args.csc_tuner):
         raise UserError(f"give one --control_image per --csc_tuner (got {len(args.control_image)} and {len(args.csc_tuner)})")
     for flag in ("control_type", "control_scale"):

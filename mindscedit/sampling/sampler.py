@@ -10,6 +10,7 @@ holds does not rename its parameters: sampling between training steps leaves the
 graph exactly as it was compiled. Repeated blocks share their compiled graph
 (models/graph_sharing.py).
 """
+import sys
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -133,6 +134,7 @@ class Sampler:
             prompts, negative_prompt, num_inference_steps, guidance_scale, seed, height, width,
             num_images_per_prompt, progress, control_images, control_scales, control_scale,
         )
+        self._check_finite(latents.asnumpy(), prompts, seeds, num_images_per_prompt)
         images = to_pil(self.decoder(latents).asnumpy())
         settings = {
             "negative_prompt": negative_prompt or "",
@@ -144,6 +146,16 @@ class Sampler:
         for n, image in enumerate(images):
             image.info.update(prompt=prompts[n // num_images_per_prompt], seed=str(seeds[n]), **settings)
         return images
+
+    @staticmethod
+    def _check_finite(latents: np.ndarray, prompts, seeds, per_prompt: int) -> None:
+        """Non-finite latents decode to black images: report them instead of returning those."""
+        bad = [n for n in range(len(latents)) if not np.isfinite(latents[n]).all()]
+        if bad:
+            n = bad[0]
+            raise UserError(f"sampling gave non-finite latents for {len(bad)} of {len(latents)} images (first: prompt "
+                            f"{prompts[n // per_prompt]!r}, seed {seeds[n]}); no image was written. In fp16 try "
+                            "--mixed_precision no; otherwise check the weights loaded")
 
     def control_inputs(self, control_images, control_scales, control_scale, batch: int, height: int, width: int):
         """The ControlledUNet's extra inputs for a batch, or () without CSC-Tuners."""
@@ -197,7 +209,7 @@ class Sampler:
         latents = np.stack([g.standard_normal(shape, dtype=np.float32) for g in generators])
         latents = ms.Tensor(latents * float(scheduler.init_noise_sigma), ms.float32)
 
-        for t in tqdm(scheduler.timesteps, desc="sample", disable=not progress, leave=False):
+        for t in tqdm(scheduler.timesteps, desc="sample", disable=not (progress and sys.stderr.isatty()), leave=False):
             model_input = scheduler.scale_model_input(latents, t).astype(ms.float32)
             timestep = ms.Tensor([float(t)], ms.float32)  # same dtype and shape at every step and scheduler
             if guided:

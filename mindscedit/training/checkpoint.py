@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
-import numpy as np
 import mindspore as ms
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file

@@ -18,7 +18,7 @@ controlnet: the ControlNet baseline the CSC-Tuner is compared with; benchmark on
 A new method is a subclass here plus its entry in METHODS (and its options in config.py).
 """
 import os
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Dict, List, Tuple, Type
 
 import mindspore as ms
 

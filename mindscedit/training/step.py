@@ -19,7 +19,6 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.amp import DynamicLossScaler, all_finite
 from mindspore.ops import composite as C
-from mindspore.ops import functional as F
 from .. import runtime  # noqa: F401  (first: it imports mindone's noisy module quietly)
 from mindone.diffusers.optimization import get_scheduler
 from mindone.diffusers.training_utils import TrainStep

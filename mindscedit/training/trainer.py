@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -29,6 +30,7 @@ from .checkpoint import (
     save_training_state,
 )
 from .methods import get_method
+from .run_lock import OutputLock, check_checkpoints_fit, check_output_dir_free
 from .step import lr_schedule
 
 logger = logging.getLogger("mindscedit")
@@ -125,6 +127,18 @@ class DeviceReadings:
         return window
 
 
+def cut_log_back(path: str, step: int) -> None:
+    """Drop the records after `step` from a log: the steps a resumed run repeats are logged once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
 def count_parameters(unet, trainable) -> str:
     total = sum(p.size for p in unet.get_parameters())
     n = sum(p.size for p in trainable)
@@ -139,6 +153,12 @@ class Trainer:
         if self.runtime.device_target == "CPU" and config.mixed_precision == "fp16" and self.runtime.is_main:
             logger.warning(FP16_ON_CPU)
         self.method = get_method(config)
+        if self.runtime.is_main:  # before minutes of loading: another run may hold the folder
+            check_output_dir_free(config.output_dir)
+
+    @property
+    def model_id(self) -> str:
+        return os.path.abspath(self.config.pretrained_model_name_or_path)
 
     # ----------------------------------------------------------------- setup
     def build(self):
@@ -212,7 +232,7 @@ class Trainer:
             save_training_state(
                 tmp, self.train_step,
                 {"global_step": global_step, "micro_step": micro_step, "method": c.method, "optimizer": c.optimizer,
-                 "seed": c.seed},
+                 "model": self.model_id, "seed": c.seed},
             )
         prune_checkpoints(c.output_dir, c.checkpoints_total_limit)
         return path
@@ -247,15 +267,21 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainResult:
+        """Train to max_train_steps (or a stop), holding output_dir's lock on the main rank."""
         if not hasattr(self, "train_step"):
             self.build()
+        if not self.runtime.is_main:
+            return self._train()
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        with OutputLock(self.config.output_dir):
+            return self._train()
+
+    def _train(self) -> TrainResult:
         c, rt = self.config, self.runtime
         accum = c.gradient_accumulation_steps
         if rt.is_main:
-            os.makedirs(c.output_dir, exist_ok=True)
             remove_stale_temporaries(c.output_dir)
-            with open(os.path.join(c.output_dir, "train_config.json"), "w") as f:
-                json.dump(to_dict(c), f, indent=2)
+            check_checkpoints_fit(c.output_dir, c.method, self.model_id, resuming=bool(c.resume_from_checkpoint))
 
         global_step = micro_step = 0
         resume_path = resolve_resume(c.output_dir, c.resume_from_checkpoint)
@@ -263,6 +289,12 @@ class Trainer:
             state = load_training_state(resume_path, self.train_step, c.method, c.optimizer)
             global_step, micro_step = state["global_step"], state["micro_step"]
             logger.info("resumed from %s at step %d", resume_path, global_step)
+        elif c.resume_from_checkpoint:
+            logger.info("resume_from_checkpoint latest: no checkpoint in %s yet; starting from step 0", c.output_dir)
+        if rt.is_main:  # only once the resume (if any) succeeded: a refused one leaves the folder as it was
+            with open(os.path.join(c.output_dir, "train_config.json"), "w") as f:
+                json.dump(to_dict(c), f, indent=2)
+            cut_log_back(os.path.join(c.output_dir, "logs.jsonl"), global_step)
         result = TrainResult(global_step=global_step, skipped_samples=self.num_bad_rows)
         if global_step >= c.max_train_steps:
             return result
@@ -281,7 +313,10 @@ class Trainer:
                 rt.rank, rt.world_size, rt.rank, c.train_batch_size, c.train_batch_size * rt.world_size, accum,
             )
         log_file = open(os.path.join(c.output_dir, "logs.jsonl"), "a") if rt.is_main else None
-        progress = tqdm(total=c.max_train_steps, initial=global_step, disable=not rt.is_main, desc="train")
+        # A progress bar on a terminal; in a log file plain lines every logging_steps instead of redraws.
+        interactive = sys.stderr.isatty()
+        progress = tqdm(total=c.max_train_steps, initial=global_step, disable=not (rt.is_main and interactive),
+                        desc="train")
         readings = DeviceReadings(self.train_step)
         step_times = []  # seconds per optimizer step, averaged over each read window
         window_losses = []  # loss tensors of the current optimizer step's micro-steps
@@ -330,6 +365,10 @@ class Trainer:
                             log_file.write(json.dumps(record) + "\n")
                             log_file.flush()
                             progress.set_postfix(loss=f"{window.losses[-1]:.4f}", s_step=f"{record['s_per_step']:.3f}")
+                            if not interactive:
+                                logger.info("step %d/%d: loss %.4f, lr %.3g, %.3f s/step, %.2f img/s", global_step,
+                                            c.max_train_steps, record["loss"], record["lr"], record["s_per_step"],
+                                            record["img_per_s"])
                         if window.nonfinite_run >= c.max_nonfinite_steps:
                             # The skipped steps left the weights alone: the checkpoint holds the last good ones.
                             result.stopped_early = (

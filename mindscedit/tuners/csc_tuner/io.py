@@ -10,10 +10,10 @@ from typing import Tuple
 
 import numpy as np
 import mindspore as ms
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ...errors import UserError
+from ..weights_file import read_weights
 from .config import CSCTunerConfig
 from .layer import CSCTuner
 
@@ -34,12 +34,11 @@ def read_csc_tuner_file(path: str) -> Tuple[str, CSCTunerConfig, dict]:
     file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise UserError(f"CSC-Tuner weights not found: {file}")
-    with safe_open(file, framework="np") as f:
-        metadata = f.metadata() or {}
+    state, metadata = read_weights(file)
     if "csc_tuner_config" not in metadata:
         raise UserError(f"{file}: no csc_tuner_config in its metadata (not a CSC-Tuner file)")
     config = CSCTunerConfig(**json.loads(metadata["csc_tuner_config"]))
-    return metadata.get("condition", "condition"), config, load_file(file)
+    return metadata.get("condition", "condition"), config, state
 
 
 def load_csc_tuner_weights(tuner: CSCTuner, state: dict, origin: str) -> None:

@@ -15,7 +15,6 @@ With no tuners, or all scales at zero, its output equals the plain UNet's exactl
 """
 from typing import Dict
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from ..sc_tuner.model import encoder_skip_layout

@@ -13,9 +13,10 @@ from typing import Dict, Tuple
 import numpy as np
 import mindspore as ms
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ...errors import UserError
+from ..weights_file import read_weights
 from . import formats
 from .config import LoRAConfig
 from .formats import DIFFUSERS_WEIGHTS_NAME, LoraModule
@@ -43,12 +44,7 @@ def lora_file(path: str) -> str:
 def read_lora_file(path: str) -> Tuple[Dict[str, LoraModule], str]:
     """({module: LoraModule}, layout) of a LoRA file in any supported layout."""
     file = lora_file(path)
-    try:
-        state = load_file(file)
-        with safe_open(file, framework="np") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise UserError(f"{file}: not a readable safetensors file ({err})") from None
+    state, meta = read_weights(file)
     config = json.loads(meta[formats.METADATA_KEY]) if meta.get(formats.METADATA_KEY) else None
     try:
         return formats.read_state(state, config)

@@ -21,9 +21,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ...errors import UserError
+from ..weights_file import read_weights
 from .config import SCTunerConfig
 from .model import decoder_skip_slots, sc_tuner_dims, sc_tuner_named_parameters
 
@@ -103,10 +104,7 @@ def sc_tuner_file(path: str) -> str:
 def read_sc_tuner_file(path: str) -> Tuple[Dict[int, Dict[str, np.ndarray]], Optional[List[Tuple[int, int]]], str]:
     """({m: {ln1.weight: ..}}, [(i, j) of each m] or None for scepter, layout) of a tuner file."""
     file = sc_tuner_file(path)
-    try:
-        state = load_file(file)
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise UserError(f"{file}: not a readable safetensors file ({err})") from None
+    state, _ = read_weights(file)
     if not state:
         raise UserError(f"{file}: holds no tensors")
     first = next(iter(state))
