@@ -18,6 +18,22 @@ def _setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def check_output_path(path: str, flag: str, folder: bool = True) -> None:
+    """Fail in one line, before any work, if `path` cannot be written as a folder (or a file)."""
+    target = os.path.abspath(path)
+    if folder and os.path.isfile(target):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    if not folder and os.path.isdir(target):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    existing = os.path.dirname(target) if not folder else target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be written: no write permission in {existing}")
+
+
 def config_overrides(args) -> dict:
     """The config keys given as train flags."""
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "subparser", "debug")}
@@ -27,6 +43,7 @@ def cmd_train(args):
     from .training.config import load_config
 
     config = load_config(args.config, config_overrides(args))
+    check_output_path(config.output_dir, "output_dir")
     from .training.compile_cache import allow_in_this_process
     from .training.trainer import Trainer
 
@@ -73,6 +90,9 @@ def cmd_annotate(args):
     from .data.conditions import annotate
     from .data.transforms import decode_image, to_rgb
 
+    if args.low_threshold > args.high_threshold:
+        raise UserError(f"--low_threshold ({args.low_threshold}) is above --high_threshold ({args.high_threshold})")
+    check_output_path(args.output, "output", folder=False)
     image = to_rgb(decode_image(args.input, args.input))
     if args.resolution:
         scale = args.resolution / min(image.size)
@@ -86,6 +106,9 @@ def cmd_annotate(args):
 def cmd_make_tiny_model(args):
     from .models import make_tiny_model
 
+    check_output_path(args.output_dir, "output_dir")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise UserError(f"output_dir {args.output_dir} is not empty; give a new or empty folder")
     make_tiny_model(args.output_dir, prediction_type=args.prediction_type, seed=args.seed)
     print(f"tiny {args.prediction_type} pipeline written to {args.output_dir}")
 
@@ -93,6 +116,7 @@ def cmd_make_tiny_model(args):
 def cmd_sample(args):
     from .sampling.command import run_sample
 
+    check_output_path(args.output_dir, "--output_dir")
     written = run_sample(args)
     print(f"wrote {len(written['images'])} images and {len(written['grids'])} grids to {args.output_dir}")
 
@@ -107,6 +131,9 @@ def cmd_bench(args):
 def cmd_convert(args):
     from .convert import convert
 
+    if args.resnets_per_block < 1:
+        raise UserError(f"--resnets_per_block must be >= 1, got {args.resnets_per_block}")
+    check_output_path(args.output, "output", folder=not args.output.endswith(".safetensors"))
     written = convert(args.src_format, args.dst_format, args.input, args.output, args.resnets_per_block)
     print(f"{args.src_format} -> {args.dst_format}: wrote {written}")
 

@@ -373,3 +373,25 @@ def test_non_finite_latents_are_reported_not_saved_as_black_images():
     with pytest.raises(UserError, match=r"non-finite latents for 1 of 4 images \(first: prompt 'b', seed 1\); "
                                         r"no image was written"):
         Sampler._check_finite(latents, ["a", "b"], [0, 1, 0, 1], 2)
+
+
+@pytest.mark.slow
+def test_sample_with_a_vanilla_trained_unet(tiny_model_dir, tmp_path, capfd):
+    """`--unet` takes vanilla training's output (OUTPUT_DIR/unet) in place of the model's UNet."""
+    from mindscedit.cli import main
+
+    trained = tmp_path / "vanilla-run"
+    ms.set_seed(7)  # other weights than the model's: as if fully fine-tuned
+    build_unet(unet_preset("tiny")).save_pretrained(str(trained / "unet"))
+    common = ["sample", "--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "a cat", "--seed", "3",
+              "--num_inference_steps", "2", "--height", "32", "--width", "32", "--device_target", "CPU"]
+
+    def image(*extra, out):
+        assert main(common + list(extra) + ["--output_dir", str(tmp_path / out)]) == 0
+        return np.asarray(Image.open(tmp_path / out / "000-a-cat-seed3.png"))
+
+    base = image(out="base")
+    np.testing.assert_array_equal(image("--unet", os.path.join(tiny_model_dir, "unet"), out="same"), base)
+    assert not np.array_equal(image("--unet", str(trained), out="trained"), base)
+    assert main(common + ["--unet", str(tmp_path), "--output_dir", str(tmp_path / "bad")]) == 2
+    assert f"--unet: {tmp_path} has no config.json" in capfd.readouterr().err

@@ -18,7 +18,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import UserError
 
@@ -159,32 +159,42 @@ def _read_parquet_files(files: Sequence[Path], image_column: str, caption_column
 # ----------------------------------------------------------------------------------- jsonl / csv
 
 
+def read_utf8_lines(path, encoding: str = "utf-8") -> Iterator[Tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 text file; a line that is not UTF-8 is one
+    DataError naming the file and the line."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                yield line_number, raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {line_number}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                "save the file as UTF-8") from None
+
+
 def _read_jsonl(file: Path, image_column: str, caption_column: str, report,
                 condition_column: Optional[str] = None) -> _Records:
     rows = []  # (line number, JSON object)
-    with open(file, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file.name} line {line_number}: invalid JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{file.name} line {line_number}: expected a JSON object")
-            rows.append((line_number, row))
+    for line_number, line in read_utf8_lines(file):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file.name} line {line_number}: invalid JSON: {exc}") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{file.name} line {line_number}: expected a JSON object")
+        rows.append((line_number, row))
     return _records_from_rows(rows, file, image_column, caption_column, report, None, condition_column)
 
 
 def _read_csv(file: Path, image_column: str, caption_column: str, report,
               condition_column: Optional[str] = None) -> _Records:
     # utf-8-sig drops the byte-order mark spreadsheet programs like to add.
-    with open(file, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise DataError(f"{file}: CSV file has no header row")
-        # reader.line_num is the file line where the row ended (the header is line 1).
-        rows = [(reader.line_num, row) for row in reader]
+    reader = csv.DictReader(line for _, line in read_utf8_lines(file, "utf-8-sig"))
+    if not reader.fieldnames:
+        raise DataError(f"{file}: CSV file has no header row")
+    # reader.line_num is the file line where the row ended (the header is line 1).
+    rows = [(reader.line_num, row) for row in reader]
     return _records_from_rows(rows, file, image_column, caption_column, report, reader.fieldnames, condition_column)
 
 

@@ -115,6 +115,20 @@ def load_unet(path: str, dtype=ms.float32):
     return apply_flash_attention_setting(unet)
 
 
+def load_unet_folder(path: str, dtype=ms.float32):
+    """A UNet saved on its own, as vanilla training writes it: `path/unet/` or `path` itself
+    (config.json and diffusion_pytorch_model.safetensors)."""
+    from mindone.diffusers import UNet2DConditionModel
+
+    folder = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ModelFolderError(f"--unet: {folder} has no {name} (expected a UNet folder as vanilla training "
+                                   "writes it: OUTPUT_DIR/unet)")
+    unet = UNet2DConditionModel.from_pretrained(folder, mindspore_dtype=dtype, local_files_only=True)
+    return apply_flash_attention_setting(unet)
+
+
 def load_components(path: str, dtype=ms.float32) -> PipelineComponents:
     """Load UNet, VAE, text encoder, tokenizer and DDPM noise scheduler from a local folder."""
     from mindone.diffusers import AutoencoderKL

@@ -5,12 +5,15 @@ import os
 from typing import List
 
 from ..data.conditions import ANNOTATORS, load_control_image
+from ..data.sources import read_utf8_lines
 from ..errors import UserError
 from .schedulers import SCHEDULERS
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="diffusers model folder")
+    parser.add_argument("--unet", help="a fully fine-tuned UNet (vanilla training's output folder, or its unet/) "
+                                       "in place of the model folder's")
     parser.add_argument("--scedit", help="SC-Tuner weights: a training output folder or adapter_model.safetensors")
     parser.add_argument("--lora", action="append", default=[], help="pytorch_lora_weights.safetensors (repeatable)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -45,8 +48,7 @@ def read_prompts(args) -> List[str]:
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise UserError(f"--prompt_file not found: {args.prompt_file}")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        prompts += [line.strip() for _, line in read_utf8_lines(args.prompt_file) if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt_file with prompts")
     return prompts
@@ -57,6 +59,8 @@ def run_sample(args) -> dict:
     prompts = read_prompts(args)
     if args.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: '{args.scheduler}' is not one of {', '.join(SCHEDULERS)}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     for flag in ("num_inference_steps", "num_images_per_prompt"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -82,6 +86,7 @@ def run_sample(args) -> dict:
             raise UserError(f"--{flag} must be a positive multiple of 8, got {value}")
 
     from ..models import load_components
+    from ..models.loading import load_unet_folder
     from ..runtime import DTYPES, init_runtime
     from .adapters import apply_csc_tuners, apply_loras, apply_sc_tuners
     from .images import save_images
@@ -91,6 +96,8 @@ def run_sample(args) -> dict:
     if runtime.device_target == "CPU" and args.mixed_precision == "bf16":
         raise UserError("--mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel)")
     components = load_components(args.pretrained_model_name_or_path, DTYPES[args.mixed_precision])
+    if args.unet:
+        components.unet = load_unet_folder(args.unet, DTYPES[args.mixed_precision])
     apply_loras(components.unet, args.lora, args.lora_scale)  # before SC-Tuners wrap the up blocks
     if args.scedit:
         apply_sc_tuners(components.unet, args.scedit, args.tuner_scale)

@@ -15,9 +15,10 @@ from typing import Dict, List, Optional
 
 import mindspore as ms
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ..errors import UserError
+from ..tuners.weights_file import read_weights
 
 STATE_FILE = "state.json"
 TRAINING_STATE_FILE = "training_state.safetensors"
@@ -168,10 +169,17 @@ def load_training_state(folder: str, train_step, method: Optional[str] = None, o
     """Restore weights, optimizer and loss scaler from `folder`; returns its state.json.
 
     Everything is checked before anything is set: a checkpoint that does not fit (another method
-    or model) raises and leaves the weights as they were.
+    or model), does not parse or holds a non-finite value raises one line and leaves the weights
+    as they were.
     """
-    with open(os.path.join(folder, STATE_FILE)) as f:
-        state = json.load(f)
+    try:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            raise ValueError("no global_step")
+    except (OSError, ValueError) as err:
+        raise UserError(f"checkpoint {folder}: {STATE_FILE} is unreadable ({' '.join(str(err).split())}); resume "
+                        "from an earlier checkpoint") from None
     if method and state.get("method", method) != method:
         raise UserError(f"checkpoint {folder} was saved by a '{state['method']}' run; this run trains '{method}'")
     # Checkpoints written before the optimizer was a setting are AdamW's.
@@ -181,7 +189,7 @@ def load_training_state(folder: str, train_step, method: Optional[str] = None, o
     file = os.path.join(folder, TRAINING_STATE_FILE)
     if not os.path.isfile(file):
         raise UserError(f"checkpoint {folder} has no {TRAINING_STATE_FILE}")
-    arrays = load_file(file)
+    arrays, _ = read_weights(file)  # every tensor parsed and finite, before anything is set
     params = _named_state_parameters(train_step)
     for key, param in params.items():
         if key not in arrays:
