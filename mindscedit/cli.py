@@ -44,6 +44,8 @@ def cmd_train(args):
 
     config = load_config(args.config, config_overrides(args))
     check_output_path(config.output_dir, "output_dir")
+    if config.compile_cache_dir:  # a cache that cannot be written would be switched off without a word
+        check_output_path(os.path.expanduser(config.compile_cache_dir), "compile_cache_dir")
     from .training.compile_cache import allow_in_this_process
     from .training.trainer import Trainer
 

@@ -35,6 +35,9 @@ CASES = {
                                                                       "{t}/a_file is a file"),
     "train output is a file": (["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
                                 "--output_dir", "{t}/a_file"], "output_dir {t}/a_file is a file, not a folder"),
+    "train compile cache is a file": (["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                       "--output_dir", "{t}/out", "--compile_cache_dir", "{t}/a_file"],
+                                      "compile_cache_dir {t}/a_file is a file, not a folder"),
     "sample seed below 0": (["sample", "--pretrained_model_name_or_path", "m", "--prompt", "a", "--seed", "-5",
                              "--output_dir", "{t}/out"], "--seed must be >= 0, got -5"),
     "sample output is a file": (["sample", "--pretrained_model_name_or_path", "m", "--prompt", "a",
@@ -98,3 +101,17 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_set(damage, tmp_path
     # The train step is never reached: the checkpoint is refused while it is being read.
     with pytest.raises(UserError, match=message):
         load_training_state(str(folder), train_step=None, method="scedit")
+
+
+def test_a_model_whose_unet_config_does_not_fit_together_is_bad_input(tiny_model_dir, tmp_path, capfd):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    config["up_block_types"] = config["up_block_types"][:1]  # one up block for two down blocks
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    assert main(["sample", "--pretrained_model_name_or_path", str(model), "--prompt", "a", "--output_dir",
+                 str(tmp_path / "out"), "--device_target", "CPU"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot load the model in {model}: "), err

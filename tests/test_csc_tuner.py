@@ -271,6 +271,7 @@ def test_sampling_with_control_scale_zero_is_the_base_model(tiny_model_dir):
     assert np.abs(on.asnumpy() - base.asnumpy()).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_controlled_unet_follows_the_unets_own_forward_with_added_embeddings():
     """A UNet with SDXL's added embeddings (text_time: pooled text and time ids): with its
     CSC-Tuner at scale 0 the controlled forward is the UNet's own, and the tuner's control reaches

@@ -122,7 +122,7 @@ def test_optimisations_leave_the_loss_trajectory_and_trained_weights_unchanged(b
     assert np.linalg.norm(fast_update - update) < 0.02 * np.linalg.norm(update)
 
 
-def test_fast_layers_keep_state_dict_keys_and_replace_every_plain_attention_and_geglu(base_weights):
+def test_cpu_rewrites_keep_state_dict_keys_and_replace_every_plain_attention_and_geglu(base_weights):
     unet = fresh_unet(base_weights)
     keys = [name for name, _ in unet.parameters_and_names()]
     from mindone.diffusers.models.activations import GEGLU

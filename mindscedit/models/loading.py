@@ -149,7 +149,7 @@ def load_components(path: str, dtype=ms.float32) -> PipelineComponents:
             noise_scheduler=load_noise_scheduler(path),
             family=family,
         )
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: a config the model class refuses (JSONDecodeError too)
         # The loaders raise long multi-line messages; keep the first line, which names the file.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFolderError(f"cannot load the model in {path}: {first_line}") from err
