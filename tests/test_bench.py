@@ -43,19 +43,24 @@ def expected_counts():
 
 
 @pytest.mark.slow
-def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
+def test_bench_writes_rows_and_prints_the_table(tmp_path, capfd):
+    """In fp16, as on Ascend (with the CPU rewrites on, as a CPU user gets them); the CSC-Tuner and
+    ControlNet run in fp16 in the test below."""
     out = tmp_path / "rows.jsonl"
-    argv = ["bench", "--model_config", "tiny", "--methods", "lora,scedit", "--batch_sizes", "2",
+    argv = ["bench", "--model_config", "tiny", "--methods", "vanilla,lora,scedit", "--batch_sizes", "2",
             "--resolution", "32", "--steps", "2", "--warmup", "0", "--lora_rank", str(LORA_RANK),
-            "--lora_targets", "attn+ff", "--device_target", "CPU", "--json", str(out),
+            "--lora_targets", "attn+ff", "--device_target", "CPU", "--mixed_precision", "fp16", "--json", str(out),
             "--compile_cache_dir", str(tmp_path / "cache")]
     assert main(argv) == 0  # each case compiles in its own process: one compile per method
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
+    assert "mixed_precision fp16 on CPU: for checking the Ascend dtype path" in captured.err
     rows = [json.loads(line) for line in open(out)]
-    assert [(r["method"], r["batch_size"]) for r in rows] == [("lora", 2), ("scedit", 2)]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [("vanilla", 2), ("lora", 2), ("scedit", 2)]
 
     total, counts = expected_counts()
     assert counts["scedit"] == 25_088  # 2(d^2+d) over skips (64, 64, 32, 32, 32, 32)
+    counts["vanilla"] = total
     for r in rows:
         assert set(r) == FIELDS, set(r) ^ FIELDS
         assert r["trainable_params"] == counts[r["method"]]
@@ -65,21 +70,21 @@ def test_bench_writes_rows_and_prints_the_table(tmp_path, capsys):
         assert r["img_per_s"] == pytest.approx(2 / r["s_per_step"])
         assert r["latent_size"] == 32 // LATENT_FACTOR and r["memory_kind"] == "host RSS"
         assert 0 < r["rss_before_compile_mib"] < r["rss_after_compile_mib"] <= r["peak_memory_mib"]
-        assert np.isfinite(r["loss"])
-    assert rows[0]["lora_rank"] == LORA_RANK and rows[0]["lora_targets"] == "attn+ff"
+        assert np.isfinite(r["loss"]) and r["mixed_precision"] == "fp16"
+    assert rows[1]["lora_rank"] == LORA_RANK and rows[0]["lora_targets"] == "attn+ff"
 
     assert "| method | batch | trainable params | peak memory (MiB) | compile (s) | s/step | img/s |" in printed
     for r in rows:
         line = next(l for l in printed.splitlines() if l.startswith(f"| {r['method']} | 2 |"))
         assert f"{r['trainable_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%)" in line
         assert f"{r['s_per_step']:.3f}" in line
-    assert [r["compile_cache"] for r in rows] == ["miss", "miss"]
+    assert [r["compile_cache"] for r in rows] == ["miss", "miss", "miss"]
 
     # The same case again: a repeated launch loads the compiled step from the cache.
-    assert main([a if a != "lora,scedit" else "scedit" for a in argv]) == 0
+    assert main([a if a != "vanilla,lora,scedit" else "scedit" for a in argv]) == 0
     again = json.loads(open(out).readline())
-    assert again["compile_cache"] == "hit" and "(cached)" in capsys.readouterr().out
-    assert again["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
+    assert again["compile_cache"] == "hit" and "(cached)" in capfd.readouterr().out
+    assert again["loss"] == pytest.approx(rows[2]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +113,7 @@ def test_bench_compares_the_csc_tuner_with_controlnet(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     argv = ["bench", "--model_config", "tiny", "--methods", "scedit_control,controlnet", "--batch_sizes", "2",
             "--resolution", "32", "--steps", "1", "--warmup", "0", "--dense_hint_kernel", "1",
-            "--device_target", "CPU", "--json", str(out), "--compile_profile"]
+            "--device_target", "CPU", "--mixed_precision", "fp16", "--json", str(out), "--compile_profile"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = {r["method"]: r for r in map(json.loads, open(out))}
@@ -119,6 +124,7 @@ def test_bench_compares_the_csc_tuner_with_controlnet(tmp_path, capsys):
     assert rows["controlnet"]["trainable_params"] == controlnet
     for r in rows.values():
         assert r["peak_memory_mib"] > 0 and r["s_per_step"] > 0 and np.isfinite(r["loss"])
+        assert r["mixed_precision"] == "fp16"
         phases = r["compile_phases_s"]  # the compile itself: inside the graph time, made of its phases
         assert {"total", "type_inference", "optimize", "optimize.opt_a", "task_emit"} <= set(phases)
         assert 0 < phases["total"] <= r["graph_s"]

@@ -82,7 +82,7 @@ def test_fresh_tuners_leave_the_unet_output_unchanged(setup):
 
 def test_hints_match_skip_shapes_and_control_follows_the_formula(setup):
     rng = np.random.default_rng(1)
-    unet, tuner = setup["unet"], build_csc_tuner(setup["unet"])
+    tuner = build_csc_tuner(setup["unet"])
     _randomise(tuner, rng)
     # The skip shapes of the tiny UNet at 8x8 latents, in encoder push order.
     shapes = [(2, 32, 8, 8)] * 3 + [(2, 32, 4, 4)] + [(2, 64, 4, 4)] * 2
@@ -221,7 +221,6 @@ def test_condition_gets_the_crop_and_flip_of_its_target(photos_dir):
 
 
 def test_condition_that_does_not_fit_names_the_row(photos_dir, tmp_path):
-    import io
     import json
 
     from PIL import Image

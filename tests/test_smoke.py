@@ -1,9 +1,11 @@
 """What differs between MindSpore versions: where compat.py finds MindSpore's internals, and
 each training method through the compile cache, as `mindscedit train` runs it.
 
-The cache serves only a process's first train step, so each method gets its own process (the
-real CLI). A fresh cache folder means the step is compiled, saved and, on CPU, dropped and
-loaded back from the cache: every MindSpore internal that compat.py locates is used.
+The cache serves only a process's first train step, so each method gets its own process: the
+installed console script on the shipped CPU config of that method (the configs that train in
+fp32; test_precision.py trains the fp16 ones), with flags overriding the model, data and length.
+A fresh cache folder means the step is compiled, saved and, on CPU, dropped and loaded back from
+the cache: every MindSpore internal that compat.py locates is used.
 """
 import inspect
 import json
@@ -19,6 +21,12 @@ import pytest
 from mindspore import nn
 from safetensors.numpy import load_file
 
+from mindscedit.training.config import read_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shipped configs that train in fp32: the CPU demo configs, one per method.
+FP32_CONFIGS = sorted(name for name in os.listdir(os.path.join(REPO, "configs"))
+                      if read_config_file(os.path.join(REPO, "configs", name)).get("mixed_precision", "no") == "no")
 # The final weights each method writes at the top of output_dir.
 WEIGHTS = {
     "vanilla": os.path.join("unet", "diffusion_pytorch_model.safetensors"),
@@ -72,25 +80,31 @@ def trained_params(checkpoint):
     return {key: value for key, value in state.items() if key.startswith("param/")}
 
 
+def test_every_method_has_a_shipped_cpu_config():
+    methods = [read_config_file(os.path.join(REPO, "configs", name))["method"] for name in FP32_CONFIGS]
+    assert sorted(methods) == sorted(WEIGHTS)
+
+
 @pytest.mark.smoke
-@pytest.mark.parametrize("method", sorted(WEIGHTS))
+@pytest.mark.parametrize("config_name", FP32_CONFIGS)
 @pytest.mark.slow
-def test_each_method_trains_through_the_compile_cache(method, tiny_model_dir, photos_dir, tmp_path):
+def test_each_method_trains_through_the_compile_cache(config_name, tiny_model_dir, photos_dir, tmp_path):
+    method = read_config_file(os.path.join(REPO, "configs", config_name))["method"]
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cmd = [sys.executable, "-m", "mindscedit.cli", "train", "--method", method,
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mindscedit"), "train",
+           "--config", os.path.join(REPO, "configs", config_name),
            "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", photos_dir,
-           "--output_dir", str(out), "--resolution", "32", "--center_crop", "true", "--train_batch_size", "2",
-           "--max_train_steps", "2", "--checkpointing_steps", "1", "--learning_rate", "1e-3",
+           "--output_dir", str(out), "--resolution", "32", "--max_train_steps", "2", "--checkpointing_steps", "1",
            "--device_target", "CPU", "--compile_cache_dir", str(cache)]
-    if method == "scedit_control":
-        cmd += ["--control_type", "canny"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{method}: trainable parameters:" in proc.stderr
 
     # The trainer compiled its step through the cache (result.compile_cache == "miss", which the
     # summary line reports), and MindSpore wrote the graph where the cache looks for it.
-    summary = [line for line in proc.stdout.splitlines() if line.startswith("done: step 2,")]
-    assert len(summary) == 1 and "(graph compile, saved to the compile cache)" in summary[0], proc.stdout
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
+    assert len(summary) == 1 and re.match(r"done: step 2, final loss \d+\.\d+, [\d.]+ s/step, [\d.]+ img/s", summary[0])
+    assert "(graph compile, saved to the compile cache)" in summary[0], proc.stdout
     (entry,) = os.listdir(cache)
     assert os.path.isfile(cache / entry / "rank_0" / "graph_cache" / "compile_cache_0.mindir")
 

@@ -267,8 +267,6 @@ def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_ident
         assert weights.keys() == uncached_weights.keys()
         for name, value in uncached_weights.items():
             np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
-    other_out, _, _ = run("other", "--down_ratio", "0.5")  # another graph: its own cache entry
-    assert "saved to the compile cache" in other_out and len(os.listdir(tmp_path / "cache")) == 2
 
 
 class DeferredReadStep:

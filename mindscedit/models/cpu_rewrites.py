@@ -119,7 +119,6 @@ class CoreAttnProcessor(AttnProcessor2_0):
                 or attn.norm_q is not None or attn.norm_k is not None or hidden_states.ndim != 3:
             return AttnProcessor2_0.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
-        batch_size = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states

@@ -5,7 +5,6 @@ plus `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/` subfolders,
 safetensors. Nothing is downloaded: a missing piece is a one-line error that names it.
 """
 import glob
-import json
 import os
 from dataclasses import dataclass
 from typing import Any

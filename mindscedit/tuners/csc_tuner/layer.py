@@ -4,7 +4,7 @@ Parameter paths follow scepter's key layout (`pre_hint_blocks.{n}`, `dense_hint_
 `lsc_tuner_blocks.{m}.tuner_op.ln{1,2}`), so its weight files map one to one.
 """
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import mindspore as ms
 from mindspore import nn
