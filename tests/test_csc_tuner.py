@@ -76,10 +76,12 @@ def test_sd15_parameter_counts_match_the_paper():
             "lsc_tuner_blocks.11.tuner_op.ln2.bias"} <= set(named)  # scepter's key layout
 
 
+@pytest.mark.slow
 def test_fresh_tuners_leave_the_unet_output_unchanged(setup):
     np.testing.assert_array_equal(run(setup, [1.0, 1.0], 1.0), setup["base"])
 
 
+@pytest.mark.slow
 def test_hints_match_skip_shapes_and_control_follows_the_formula(setup):
     rng = np.random.default_rng(1)
     tuner = build_csc_tuner(setup["unet"])
@@ -98,6 +100,7 @@ def test_hints_match_skip_shapes_and_control_follows_the_formula(setup):
         np.testing.assert_allclose(controls[i].asnumpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scales_and_several_conditions(setup):
     for tuner in setup["tuners"].values():
         _randomise(tuner, setup["rng"])

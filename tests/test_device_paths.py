@@ -120,6 +120,7 @@ def _tiny_step_key(**settings):
     return graph_key(built.train_step, inputs)
 
 
+@pytest.mark.slow
 def test_compile_cache_key_follows_what_the_step_is_built_from():
     """No hand-kept list: settings that never reach the graph leave the key alone, every one that
     shapes it changes it."""

@@ -320,6 +320,7 @@ def test_sharing_policy_comes_from_the_environment(base_weights, monkeypatch):
     assert all(b.cell_init_args == block_key(b) and not hasattr(b, "no_inline") for b in blocks)
 
 
+@pytest.mark.slow
 def test_shared_blocks_leave_text_encoder_and_vae_outputs_unchanged(tiny_model_dir):
     from mindscedit.models.loading import load_components
     from mindscedit.sampling.sampler import VaeDecoder

@@ -75,6 +75,7 @@ def test_fresh_sc_tuner_is_zero_initialised_identity():
     np.testing.assert_array_equal(tuner(ms.Tensor(x)).asnumpy(), x)
 
 
+@pytest.mark.slow
 def test_sc_tuners_leave_unet_unchanged_at_init_and_at_scale_zero(base_output):
     unet = _fresh_tiny_unet()
     inject_sc_tuners(unet)
@@ -87,6 +88,7 @@ def test_sc_tuners_leave_unet_unchanged_at_init_and_at_scale_zero(base_output):
     np.testing.assert_array_equal(unet(*_unet_inputs())[0].asnumpy(), base_output)
 
 
+@pytest.mark.slow
 def test_lora_leaves_unet_unchanged_at_init(base_output):
     unet = _fresh_tiny_unet()
     params = inject_lora(unet, LoRAConfig(rank=4))
