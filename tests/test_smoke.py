@@ -94,7 +94,8 @@ def test_each_method_trains_through_the_compile_cache(config_name, tiny_model_di
     cmd = [os.path.join(os.path.dirname(sys.executable), "mindscedit"), "train",
            "--config", os.path.join(REPO, "configs", config_name),
            "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", photos_dir,
-           "--output_dir", str(out), "--resolution", "32", "--max_train_steps", "2", "--checkpointing_steps", "1", "--logging_steps", "1",
+           "--output_dir", str(out), "--resolution", "32", "--max_train_steps", "2", "--checkpointing_steps", "1",
+           "--logging_steps", "1",
            "--device_target", "CPU", "--compile_cache_dir", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -105,24 +105,27 @@ def test_sc_tuner_save_load_gives_identical_outputs(tmp_path):
     save_sc_tuners(unet, str(tmp_path))
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
 
-    other = _fresh_tiny_unet()
-    inject_sc_tuners(other)
-    load_sc_tuners(other, str(tmp_path))
-    np.testing.assert_array_equal(other(*_unet_inputs())[0].asnumpy(), expected)
+    # Other values in the same UNet (one compiled graph), then the file's back.
+    _randomise(sc_tuner_parameters(unet), np.random.default_rng(5))
+    assert not np.array_equal(unet(*_unet_inputs())[0].asnumpy(), expected)
+    load_sc_tuners(unet, str(tmp_path))
+    np.testing.assert_array_equal(unet(*_unet_inputs())[0].asnumpy(), expected)
 
 
 @pytest.mark.slow
 def test_lora_save_load_gives_identical_outputs(tmp_path):
     config = LoRAConfig(rank=2, alpha=4)
     unet = _fresh_tiny_unet()
-    _randomise(inject_lora(unet, config), np.random.default_rng(4))
+    lora_params = inject_lora(unet, config)
+    _randomise(lora_params, np.random.default_rng(4))
     expected = unet(*_unet_inputs())[0].asnumpy()
     save_lora(unet, str(tmp_path), config)
 
-    other = _fresh_tiny_unet()
-    inject_lora(other, config)
-    load_lora(other, str(tmp_path))
-    np.testing.assert_array_equal(other(*_unet_inputs())[0].asnumpy(), expected)
+    # Other values in the same UNet (one compiled graph), then the file's back.
+    _randomise(lora_params, np.random.default_rng(5))
+    assert not np.array_equal(unet(*_unet_inputs())[0].asnumpy(), expected)
+    load_lora(unet, str(tmp_path))
+    np.testing.assert_array_equal(unet(*_unet_inputs())[0].asnumpy(), expected)
 
 
 def test_sc_tuner_weights_that_do_not_fit_are_refused_whole(tmp_path):
