@@ -19,6 +19,11 @@ setup(
         "tqdm",
         "opencv-python-headless",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "plot": ["matplotlib"],  # loss.png (mindscedit plot-logs, and at the end of training)
+        "tensorboard": ["tensorboardX"],  # --report_to tensorboard
+        # tensorboard itself only to read the events back in the tests
+        "test": ["pytest", "matplotlib", "tensorboardX", "tensorboard"],
+    },
     entry_points={"console_scripts": ["mindscedit=mindscedit.cli:main"]},
 )

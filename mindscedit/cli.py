@@ -1,4 +1,4 @@
-"""`mindscedit` command line: train, sample, annotate, make-tiny-model, check-data, bench, convert.
+"""`mindscedit` command line: train, plot-logs, sample, annotate, make-tiny-model, check-data, bench, convert.
 
 Exit codes: 0 done (train also after SIGINT/SIGTERM, which save a checkpoint first); 1 a run
 stopped by max_nonfinite_steps, check-data found problems, or a bench case crashed; 2 bad input
@@ -44,6 +44,8 @@ def cmd_train(args):
 
     config = load_config(args.config, config_overrides(args))
     check_output_path(config.output_dir, "output_dir")
+    if config.report_to == "tensorboard":
+        check_output_path(config.tensorboard_dir, "logging_dir")
     if config.compile_cache_dir:  # a cache that cannot be written would be switched off without a word
         check_output_path(os.path.expanduser(config.compile_cache_dir), "compile_cache_dir")
     from .training.compile_cache import allow_in_this_process
@@ -70,6 +72,16 @@ def cmd_train(args):
     else:
         print("done: " + ", ".join(summary) + f"; weights in {config.output_dir}")
     return 1 if result.diverged else 0
+
+
+def cmd_plot_logs(args):
+    from .training.reporting import plot_logs
+
+    if not os.path.isdir(args.output_dir):
+        raise UserError(f"{args.output_dir} is not a folder")
+    if args.output:
+        check_output_path(args.output, "--output", folder=False)
+    print(f"loss curve written to {plot_logs(args.output_dir, args.output)}")
 
 
 def cmd_check_data(args):
@@ -152,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file; flags override its keys")
     add_config_flags(train)
     train.set_defaults(func=cmd_train, subparser=train)
+
+    plot = sub.add_parser("plot-logs", help="draw a run's loss and learning rate (from logs.jsonl) as loss.png; "
+                          "needs matplotlib", allow_abbrev=False)
+    plot.add_argument("output_dir", help="a training output_dir (holding logs.jsonl)")
+    plot.add_argument("--output", help="PNG file to write (default: OUTPUT_DIR/loss.png)")
+    plot.set_defaults(func=cmd_plot_logs, subparser=plot)
 
     from .data.conditions import ANNOTATORS
 

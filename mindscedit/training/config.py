@@ -23,6 +23,7 @@ from ..runtime import BF16_ON_CPU
 
 JIT_LEVELS = ("O0", "O1", "O2")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+DEFAULT_MAX_TRAIN_STEPS = 1000  # when neither max_train_steps nor num_train_epochs is given
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -83,14 +84,25 @@ class TrainConfig:
     random_flip: bool = setting(False, "flip half of the images horizontally", group=DATA)
     # one decodes ~100 samples/s of 512² photos; two leave headroom (scripts/bench_loader.py)
     dataloader_num_workers: int = setting(2, "loader processes per card", at_least=1, group=DATA)
+    max_train_samples: Optional[int] = setting(
+        None, "train on this many samples only (debugging): the first N of the records shuffled with the seed, "
+        "chosen before the data is split between cards (none: all)", at_least=1, group=DATA)
     on_bad_sample: str = setting("skip", "an unreadable image or empty caption: warn and skip it, or stop",
                                  choices=("skip", "error"), group=DATA)
 
     train_batch_size: int = setting(1, "images per card per micro-step", at_least=1, group=OPTIM)
-    max_train_steps: int = setting(1000, "optimizer steps to train", at_least=1, group=OPTIM)
+    max_train_steps: Optional[int] = setting(
+        None, "optimizer steps to train (none: num_train_epochs x optimizer steps per epoch when num_train_epochs is "
+        f"given, else {DEFAULT_MAX_TRAIN_STEPS}; given with num_train_epochs, this wins)", at_least=1, group=OPTIM)
+    num_train_epochs: Optional[int] = setting(
+        None, "passes over the data when max_train_steps is not given: steps = epochs x ceil(batches per card per "
+        "epoch / gradient_accumulation_steps), batches per card = samples // (train_batch_size x cards)",
+        at_least=1, group=OPTIM)
     gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step", at_least=1, group=OPTIM)
     optimizer: str = setting("adamw", "the optimizer", choices=_optimizer_names, group=OPTIM)
     learning_rate: float = setting(1e-4, "peak learning rate", above=0, group=OPTIM)
+    scale_lr: bool = setting(False, "multiply learning_rate by train_batch_size x gradient_accumulation_steps x cards "
+                             "(the effective rate is logged)", group=OPTIM)
     lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' names)", choices=LR_SCHEDULERS,
                                 group=OPTIM)
     lr_warmup_steps: int = setting(0, "steps of linear warm-up", at_least=0, group=OPTIM)
@@ -150,6 +162,11 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = setting(None, "a checkpoint folder, or latest", group=OUTPUT)
     logging_steps: int = setting(1, "log loss, lr, s/step and img/s every this many steps", at_least=1,
                                  group=OUTPUT)
+    report_to: str = setting("none", "also write the logged values (and validation images) as TensorBoard events "
+                             "(needs tensorboardX: pip install mindscedit[tensorboard])",
+                             choices=("none", "tensorboard"), group=OUTPUT)
+    logging_dir: Optional[str] = setting(None, "folder of the TensorBoard events (none: output_dir/logs)",
+                                         group=OUTPUT)
 
     validation_prompt: List[str] = setting(help="prompt sampled every validation_steps on rank 0 (repeatable)",
                                            group=VALIDATION, default_factory=list)
@@ -164,6 +181,10 @@ class TrainConfig:
     @property
     def data_source(self) -> str:
         return self.train_data_dir or self.dataset_name
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.logging_dir or os.path.join(self.output_dir, "logs")
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -30,6 +30,8 @@ from .checkpoint import (
     save_training_state,
 )
 from .methods import get_method
+from .plan import plan_run, resolve_max_train_steps, select_samples
+from .reporting import TensorBoardReporter, plot_after_training, require_tensorboard
 from .run_lock import OutputLock, check_checkpoints_fit, check_output_dir_free
 from .step import lr_schedule
 
@@ -155,6 +157,8 @@ class Trainer:
         self.method = get_method(config)
         if self.runtime.is_main:  # before minutes of loading: another run may hold the folder
             check_output_dir_free(config.output_dir)
+            if config.report_to == "tensorboard":
+                require_tensorboard()
 
     @property
     def model_id(self) -> str:
@@ -170,12 +174,19 @@ class Trainer:
             on_bad_record=self._skip_bad_row if c.on_bad_sample == "skip" else None,
             condition_column=c.conditioning_image_column if self.method.takes_condition else None,
         )
+        if c.max_train_samples is not None and c.max_train_samples < len(self.records):
+            self.records = select_samples(self.records, c.max_train_samples, c.seed)
+            self._info("max_train_samples %d: training on %d samples chosen with seed %d (before splitting "
+                       "between cards)", c.max_train_samples, len(self.records), c.seed)
+        self.plan = plan_run(c, len(self.records), self.runtime.world_size)
+        for message in self.plan.messages:
+            self._info("%s", message)
         self.components = comps = load_components(c.pretrained_model_name_or_path)
         self.family = comps.family
         prediction_type = c.prediction_type or comps.prediction_type
         alphas_cumprod = comps.noise_scheduler.alphas_cumprod.asnumpy()
         self.num_train_timesteps = len(alphas_cumprod)
-        self.lrs = lr_schedule(c.learning_rate, c.lr_scheduler, c.lr_warmup_steps, c.max_train_steps)
+        self.lrs = lr_schedule(self.plan.learning_rate, c.lr_scheduler, c.lr_warmup_steps, self.max_train_steps)
         encoders = Encoders(comps.vae, self.family.prompt_encoder(comps), self.family.latent_scaling(comps.vae),
                             frozen=[comps.vae, *comps.text_encoders])
         built = build_step(c, self.method, comps.unet, DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma),
@@ -190,6 +201,10 @@ class Trainer:
             self.validator = Validator(comps, c.validation_prompt, c.output_dir, c.resolution,
                                        c.num_validation_images, c.seed, **self.method.validation_inputs(c.resolution))
         return self
+
+    def _info(self, *args):
+        if self.runtime.is_main:
+            logger.info(*args)
 
     def _report_parameters(self, trainable):
         if self.runtime.is_main:
@@ -265,6 +280,17 @@ class Trainer:
         np.savez(path, **weights)
         return path
 
+    @property
+    def max_train_steps(self) -> int:
+        """The run's optimizer steps, from the current config (tests swap it between runs) and the data."""
+        return resolve_max_train_steps(self.config.max_train_steps, self.config.num_train_epochs,
+                                       self.plan.update_steps_per_epoch)
+
+    def _loss_scale(self) -> Optional[float]:
+        scaler = getattr(getattr(self.train_step, "grad_scaler", None), "loss_scaler", None)
+        value = getattr(scaler, "scale_value", None)
+        return float(value.asnumpy()) if value is not None else None
+
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainResult:
         """Train to max_train_steps (or a stop), holding output_dir's lock on the main rank."""
@@ -296,7 +322,7 @@ class Trainer:
                 json.dump(to_dict(c), f, indent=2)
             cut_log_back(os.path.join(c.output_dir, "logs.jsonl"), global_step)
         result = TrainResult(global_step=global_step, skipped_samples=self.num_bad_rows)
-        if global_step >= c.max_train_steps:
+        if global_step >= self.max_train_steps:
             return result
 
         loader = create_dataloader(
@@ -313,9 +339,13 @@ class Trainer:
                 rt.rank, rt.world_size, rt.rank, c.train_batch_size, c.train_batch_size * rt.world_size, accum,
             )
         log_file = open(os.path.join(c.output_dir, "logs.jsonl"), "a") if rt.is_main else None
+        reporter = None
+        if rt.is_main and c.report_to == "tensorboard":
+            reporter = TensorBoardReporter(c.tensorboard_dir, global_step)
+            logger.info("TensorBoard events in %s (tensorboard --logdir %s)", c.tensorboard_dir, c.tensorboard_dir)
         # A progress bar on a terminal; in a log file plain lines every logging_steps instead of redraws.
         interactive = sys.stderr.isatty()
-        progress = tqdm(total=c.max_train_steps, initial=global_step, disable=not (rt.is_main and interactive),
+        progress = tqdm(total=self.max_train_steps, initial=global_step, disable=not (rt.is_main and interactive),
                         desc="train")
         readings = DeviceReadings(self.train_step)
         step_times = []  # seconds per optimizer step, averaged over each read window
@@ -340,9 +370,9 @@ class Trainer:
                     readings.add_step(window_losses)
                     window_losses = []
                     progress.update(1)
-                    log_now = global_step % c.logging_steps == 0 or global_step == c.max_train_steps
+                    log_now = global_step % c.logging_steps == 0 or global_step == self.max_train_steps
                     validate_now = self.validator is not None and global_step % c.validation_steps == 0
-                    checkpoint_now = global_step % c.checkpointing_steps == 0 or global_step >= c.max_train_steps
+                    checkpoint_now = global_step % c.checkpointing_steps == 0 or global_step >= self.max_train_steps
                     # Device values reach the host only here, so between reads the host prepares
                     # the next steps while the device runs the queued ones.
                     if log_now or validate_now or checkpoint_now or stop.signal_name or result.compile_seconds is None:
@@ -361,13 +391,16 @@ class Trainer:
                                 "img_per_s": images_per_step * len(window.losses) / window.seconds,
                                 "skipped": window.nonfinite_run > 0,
                                 "skipped_steps": window.skipped,
+                                "loss_scale": self._loss_scale(),
                             }
                             log_file.write(json.dumps(record) + "\n")
                             log_file.flush()
+                            if reporter:
+                                reporter.scalars(record)
                             progress.set_postfix(loss=f"{window.losses[-1]:.4f}", s_step=f"{record['s_per_step']:.3f}")
                             if not interactive:
                                 logger.info("step %d/%d: loss %.4f, lr %.3g, %.3f s/step, %.2f img/s", global_step,
-                                            c.max_train_steps, record["loss"], record["lr"], record["s_per_step"],
+                                            self.max_train_steps, record["loss"], record["lr"], record["s_per_step"],
                                             record["img_per_s"])
                         if window.nonfinite_run >= c.max_nonfinite_steps:
                             # The skipped steps left the weights alone: the checkpoint holds the last good ones.
@@ -378,12 +411,14 @@ class Trainer:
                             result.diverged = True
                         elif stop.signal_name:
                             result.stopped_early = f"received {stop.signal_name}"
-                    done = global_step >= c.max_train_steps or result.stopped_early
+                    done = global_step >= self.max_train_steps or result.stopped_early
                     if done or global_step % c.checkpointing_steps == 0:
                         self.save_checkpoint(global_step, micro_step)
                         readings.restart_clock()  # saving time is not training step time
                     if validate_now:
-                        self.validator(global_step)
+                        folder = self.validator(global_step)
+                        if reporter:
+                            reporter.images(folder, global_step)
                         readings.restart_clock()  # nor is sampling time
                     if done:
                         break
@@ -391,6 +426,8 @@ class Trainer:
             progress.close()
             if log_file:
                 log_file.close()
+            if reporter:
+                reporter.close()
 
         if result.skipped_samples:
             logger.warning("%d bad samples were skipped (each named in a warning above)", result.skipped_samples)
@@ -398,6 +435,8 @@ class Trainer:
             logger.warning("stopped at step %d: %s; checkpoint saved", global_step, result.stopped_early)
         else:
             self.save_final_weights()
+        if rt.is_main:
+            plot_after_training(c.output_dir)
         dump_dir = os.environ.get("MINDSCEDIT_DUMP_RANK_WEIGHTS")
         if dump_dir:  # debugging aid: every rank's trainable weights, to check that ranks stay in sync
             self.dump_trainable(dump_dir)
