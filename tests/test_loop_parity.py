@@ -151,6 +151,17 @@ def test_validation_images_go_to_tensorboard(tmp_path):
     assert (image.step, image.width, image.height) == (2, 8, 6)
 
 
+def test_report_to_tensorboard_without_tensorboardx_fails_before_loading(tmp_path, monkeypatch):
+    from mindscedit.training.trainer import Trainer
+
+    real = reporting.has_module
+    monkeypatch.setattr(reporting, "has_module", lambda name: name != "tensorboardX" and real(name))
+    config = load_config(None, dict(pretrained_model_name_or_path=str(tmp_path / "none"), train_data_dir="d",
+                                    output_dir=str(tmp_path / "run"), device_target="CPU", report_to="tensorboard"))
+    with pytest.raises(UserError, match=r"^report_to tensorboard needs tensorboardX: pip install tensorboardX"):
+        Trainer(config)
+
+
 # ----------------------------------------------------------------------------- loss.png
 def write_log(folder, rows, method="lora", model="/models/sd-v1-5"):
     folder.mkdir(parents=True, exist_ok=True)
