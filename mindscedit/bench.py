@@ -124,7 +124,7 @@ def run_case(case: BenchCase) -> dict:
     from .training.builder import build_step
     from .training.compile_cache import compile_train_step
     from .training.methods import get_method
-    from .training.step import compile_front_end, lr_schedule
+    from .training.step import compile_front_end
 
     runtime = init_runtime(case.device_target)
     ms.set_seed(case.seed)  # the same random UNet in every run
@@ -132,8 +132,8 @@ def run_case(case: BenchCase) -> dict:
     total = sum(p.size for p in unet.get_parameters())
     config = bench_config(case)
     method = get_method(config)
-    lrs = lr_schedule(config.learning_rate, "constant", 0, config.max_train_steps)
-    built = build_step(config, method, unet, DiffusionLoss(alphas_cumprod, "epsilon"), lrs)
+    built = build_step(config, method, unet, DiffusionLoss(alphas_cumprod, "epsilon"), config.learning_rate)
+    learning_rate = ms.Tensor(config.learning_rate, ms.float32)
     train_step, num_trainable = built.train_step, sum(p.size for p in built.trainable)
 
     rng = np.random.default_rng(case.seed)
@@ -155,13 +155,13 @@ def run_case(case: BenchCase) -> dict:
     if case.compile_only:
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
-        compile_front_end(train_step, (*inputs, timesteps, *extra))
+        compile_front_end(train_step, (*inputs, timesteps, *extra, learning_rate))
         return dict(row, compile_only=True, types="ok", front_end_s=round(time.perf_counter() - start, 3))
     times, cache, rss_phases = [], None, {}
     for _ in range(config.max_train_steps):
         timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
         start = time.perf_counter()
-        step_inputs = (*inputs, timesteps, *extra)
+        step_inputs = (*inputs, timesteps, *extra, learning_rate)
         if cache is None:  # the first step's time includes this compile, as in training
             rss_phases["rss_before_compile_mib"] = resident_mib()
             cache = compile_train_step(train_step, step_inputs, case.compile_cache_dir)

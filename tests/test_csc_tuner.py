@@ -175,7 +175,8 @@ def test_control_training_lowers_the_loss_and_touches_only_the_tuner(tiny_model_
     condition = np.stack([to_condition_tensor(annotate("canny", pixels_to_uint8(p))) for p in pixels])
     ids = ms.Tensor(np.zeros((2, 77), np.int32))
     randomness = trainer.draw_randomness(0, 2)
-    losses = [float(trainer.train_step(ms.Tensor(pixels), ids, *randomness, ms.Tensor(condition))[1].asnumpy())
+    lr = ms.Tensor(trainer.lrs[0], ms.float32)
+    losses = [float(trainer.train_step(ms.Tensor(pixels), ids, *randomness, ms.Tensor(condition), lr)[1].asnumpy())
               for _ in range(30)]
     assert np.mean(losses[-5:]) < 0.85 * losses[0], losses
     for (i, n), value in frozen.items():

@@ -107,16 +107,16 @@ def _tiny_step_key(**settings):
     from mindscedit.training.builder import build_step
     from mindscedit.training.config import TrainConfig
     from mindscedit.training.methods import get_method
-    from mindscedit.training.step import lr_schedule
     from mindone.diffusers import DDPMScheduler
 
     config = TrainConfig(**settings)
     unet = build_unet(unet_preset("tiny"))
     alphas = DDPMScheduler(**SD_SCHEDULER).alphas_cumprod.asnumpy()
     loss = DiffusionLoss(alphas, config.prediction_type or "epsilon", config.snr_gamma)
-    built = build_step(config, get_method(config), unet, loss, lr_schedule(1e-4, "constant", 0, config.max_train_steps))
+    built = build_step(config, get_method(config), unet, loss, config.learning_rate)
     inputs = (ms.Tensor(np.zeros((1, 4, 8, 8), np.float32)), ms.Tensor(np.zeros((1, 77, 32), np.float32)),
-              ms.Tensor(np.zeros((1, 4, 8, 8), np.float32)), ms.Tensor(np.zeros((1,), np.int32)))
+              ms.Tensor(np.zeros((1, 4, 8, 8), np.float32)), ms.Tensor(np.zeros((1,), np.int32)),
+              ms.Tensor(config.learning_rate, ms.float32))
     return graph_key(built.train_step, inputs)
 
 
@@ -126,12 +126,14 @@ def test_compile_cache_key_follows_what_the_step_is_built_from():
     shapes it changes it."""
     base = dict(method="vanilla", max_train_steps=4)
     key = _tiny_step_key(**base)
-    # The learning rates are a Parameter's values; AdamW's betas are tensor constants of the graph.
+    # The learning rate is a step input (the schedule and the run's length stay outside the graph,
+    # so a resumed run with more steps loads the step); AdamW's betas are tensor constants of the graph.
     outside_the_graph = dict(output_dir="elsewhere", seed=3, noise_offset=0.1, logging_steps=7, learning_rate=1e-3,
-                             lr_scheduler="cosine", train_data_dir="d", validation_prompt=["a cat"])
+                             lr_scheduler="cosine", train_data_dir="d", validation_prompt=["a cat"],
+                             max_train_steps=5000, lr_warmup_steps=100)
     assert _tiny_step_key(**base, **outside_the_graph) == key
     for in_the_graph in (dict(mixed_precision="bf16"), dict(mixed_precision="fp16"), dict(max_grad_norm=None),
                          dict(snr_gamma=5.0), dict(prediction_type="v_prediction"), dict(jit_level="O1"),
-                         dict(gradient_checkpointing=True), dict(max_train_steps=5), dict(method="scedit"),
+                         dict(gradient_checkpointing=True), dict(method="scedit"),
                          dict(adam_beta1=0.8)):
         assert _tiny_step_key(**dict(base, **in_the_graph)) != key, in_the_graph

@@ -23,7 +23,6 @@ from mindscedit.models.cpu_rewrites import (AttentionCore, BiasAddResnetBlock2D,
 from mindscedit.models.graph_sharing import REPEATED_BLOCKS, block_key, has_active_dropout, share_repeated_blocks
 from mindscedit.training.builder import build_step
 from mindscedit.training.methods import get_method
-from mindscedit.training.step import lr_schedule
 from mindscedit.tuners.lora.config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
 
 STEPS = 4
@@ -63,7 +62,7 @@ def train(weights, method_name, optimisation=None, steps=STEPS):
 
     alphas = DDPMScheduler(**SD_SCHEDULER).alphas_cumprod.asnumpy()
     built = build_step(config, get_method(config), unet, DiffusionLoss(alphas, "epsilon"),
-                       lr_schedule(1e-3, "constant", 0, STEPS),
+                       1e-3,
                        cpu_rewrites=optimisation in ("cpu_rewrites", "all_checkpointed"),
                        share_blocks=optimisation in ("shared_blocks", "checkpointed_shared_blocks", "all_checkpointed"),
                        on_prepared=start_scedit_non_trivially)
@@ -83,7 +82,7 @@ def train(weights, method_name, optimisation=None, steps=STEPS):
         text = rng.standard_normal((BATCH, 77, ctx), dtype=np.float32)
         noise = rng.standard_normal((BATCH, 4, size, size), dtype=np.float32)
         t = rng.integers(0, 1000, (BATCH,), dtype=np.int32)
-        loss = step(ms.Tensor(latents), ms.Tensor(text), ms.Tensor(noise), ms.Tensor(t))[1]
+        loss = step(ms.Tensor(latents), ms.Tensor(text), ms.Tensor(noise), ms.Tensor(t), ms.Tensor(1e-3, ms.float32))[1]
         losses.append(float(loss.asnumpy()))
     return np.array(losses), {names[id(p)]: p.asnumpy() for p in trainable}
 

@@ -38,7 +38,7 @@ class BuiltStep:
     trainable: List[ms.Parameter]
 
 
-def build_step(config, method: Method, unet, loss: DiffusionLoss, lrs: List[float],
+def build_step(config, method: Method, unet, loss: DiffusionLoss, learning_rate: float,
                encoders: Optional[Encoders] = None, cpu_rewrites: bool = True, share_blocks: bool = True,
                on_prepared=None) -> BuiltStep:
     """cpu_rewrites / share_blocks: off only to compare a step with and without them (tests).
@@ -68,7 +68,7 @@ def build_step(config, method: Method, unet, loss: DiffusionLoss, lrs: List[floa
                                           method.controlled_unet)
     if share_blocks:
         share_repeated_blocks(network)  # the networks are final: blocks are keyed by their structure
-    optimizer = build_optimizer(config.optimizer, trainable, lrs, config)
+    optimizer = build_optimizer(config.optimizer, trainable, learning_rate, config)
     train_step = build_train_step(network, optimizer, config.mixed_precision, config.max_grad_norm,
                                   config.gradient_accumulation_steps, config.jit_level)
     return BuiltStep(train_step, trainable)

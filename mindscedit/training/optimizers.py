@@ -7,6 +7,10 @@ An optimizer here is a MindSpore Optimizer with two additions the rest of the pa
   gradient is multiplied by first (loss-scale unscaling and clipping, folded into one factor).
 - `state_slots()` / `scalar_state()`: the tensors that make up its state, by name, so that
   checkpoints save and restore them without knowing which optimizer wrote them.
+- `learning_rate`: one scalar Parameter, which the training step sets from its last input before
+  every update. The schedule lives in the loop, not in the graph: a table of per-step rates in
+  the optimizer would make the compiled step depend on the run's length, and a resumed run with
+  more steps would compile it again instead of loading it from the compile cache.
 
 A new optimizer is a class with those, a builder that reads its settings from the training
 config, and one entry in OPTIMIZERS.
@@ -84,19 +88,22 @@ class GatedAdamW(AdamW):
         return {"optimizer/global_step": self.global_step}
 
 
-def adamw(params: List[ms.Parameter], lrs: List[float], beta1: float = 0.9, beta2: float = 0.999,
+def adamw(params: List[ms.Parameter], learning_rate: float, beta1: float = 0.9, beta2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 1e-2) -> GatedAdamW:
-    """AdamW (decoupled weight decay, bias-corrected, as torch.optim.AdamW) on a per-step LR list."""
-    return GatedAdamW(params, learning_rate=lrs, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    """AdamW (decoupled weight decay, bias-corrected, as torch.optim.AdamW); `learning_rate` is the
+    first step's (the step sets each step's, see the module docstring)."""
+    return GatedAdamW(params, learning_rate=float(learning_rate), betas=(beta1, beta2), eps=eps,
+                      weight_decay=weight_decay)
 
 
-def _adamw_from_config(params, lrs, config) -> GatedAdamW:
-    return adamw(params, lrs, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.adam_weight_decay)
+def _adamw_from_config(params, learning_rate, config) -> GatedAdamW:
+    return adamw(params, learning_rate, config.adam_beta1, config.adam_beta2, config.adam_epsilon,
+                 config.adam_weight_decay)
 
 
-# name -> builder(trainable parameters, per-step learning rates, training config)
+# name -> builder(trainable parameters, first learning rate, training config)
 OPTIMIZERS: Dict[str, Callable] = {"adamw": _adamw_from_config}
 
 
-def build_optimizer(name: str, params: List[ms.Parameter], lrs: List[float], config):
-    return OPTIMIZERS[name](params, lrs, config)
+def build_optimizer(name: str, params: List[ms.Parameter], learning_rate: float, config):
+    return OPTIMIZERS[name](params, learning_rate, config)

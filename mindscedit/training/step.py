@@ -11,6 +11,9 @@ global norm and the finiteness check, unscaling and clipping become one scalar f
 optimizer applies that factor inside its per-weight update (clipping done here, not by
 mindone's clipper). Per weight the graph then holds a handful of nodes for the whole update
 (compile time), and no clipped or unscaled copy of the gradients is ever written (memory).
+
+Both steps take the learning rate of the step as their last input and set the optimizer's from
+it: the schedule is computed by the loop, so the compiled step is the same for any run length.
 """
 import os
 from typing import List, Optional
@@ -69,6 +72,14 @@ class DiffusionTrainStep(TrainStep):
         super().__init__(*args, **kwargs)
         # A plain attribute, so the compile cache key tells a dynamic scaler's graph from a fixed one's.
         self.loss_scaler_kind = type(self.grad_scaler.loss_scaler).__name__
+
+    def construct(self, *inputs):
+        """inputs: the network's, then this step's learning rate (a scalar)."""
+        self.set_learning_rate(inputs[-1])
+        return super().construct(*inputs[:-1])
+
+    def set_learning_rate(self, learning_rate):
+        return ops.assign(self.optimizer.learning_rate, learning_rate.astype(ms.float32).reshape(()))
 
     def loss_scaler_state(self) -> dict:
         """The loss scaler's tensors by checkpoint key."""
@@ -131,7 +142,9 @@ class BranchFreeTrainStep(DiffusionTrainStep):
         self.nonfinite_run = ms.Parameter(ms.Tensor(0, ms.int32), name="nonfinite_run", requires_grad=False)
 
     def construct(self, *inputs):
-        outputs, grads = self.forward_and_backward(*inputs)
+        """inputs: the network's, then this step's learning rate (a scalar)."""
+        self.set_learning_rate(inputs[-1])
+        outputs, grads = self.forward_and_backward(*inputs[:-1])
         grads = self.grad_accumulator.grad_reducer(grads)  # data-parallel mean; identity on one card
         squared_norm = ops.addn(self.square_sums(_square_sum, grads))  # of the loss-scaled gradients
         finite = ops.isfinite(squared_norm)

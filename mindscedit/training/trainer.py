@@ -190,7 +190,7 @@ class Trainer:
         encoders = Encoders(comps.vae, self.family.prompt_encoder(comps), self.family.latent_scaling(comps.vae),
                             frozen=[comps.vae, *comps.text_encoders])
         built = build_step(c, self.method, comps.unet, DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma),
-                           self.lrs, encoders, on_prepared=self._report_parameters)
+                           self.lrs[0], encoders, on_prepared=self._report_parameters)
         self.train_step, self.trainable = built.train_step, built.trainable
         self.latent_channels = comps.unet.config.in_channels
         self.latent_size = c.resolution // comps.vae_scale_factor
@@ -355,7 +355,9 @@ class Trainer:
                 for batch in iterate_batches(loader):
                     randomness = self.draw_randomness(micro_step, c.train_batch_size)
                     condition = (ms.Tensor(batch["condition"]),) if "condition" in batch else ()
-                    inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition)
+                    learning_rate = ms.Tensor(self.lrs[global_step], ms.float32)  # of the step under way
+                    inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition,
+                              learning_rate)
                     if result.compile_cache is None:
                         result.compile_cache = compile_train_step(
                             self.train_step, inputs, c.compile_cache_dir, rt.rank, rt.world_size)
