@@ -50,8 +50,9 @@ def graph_key(train_step, inputs: Sequence[ms.Tensor], world_size: int = 1) -> s
     sources, every parameter's path, shape, dtype and trainability, each cell's class, constants
     and flags (loss settings, clipping, loss-scaler kind, recompute, mixed-precision casts), the
     inputs' shapes and dtypes, the jit level and the device. No run setting is listed by hand: a
-    setting changes the key exactly when it changes one of those (the learning-rate table's
-    length does; the output folder, the data and the logging do not)."""
+    setting changes the key exactly when it changes one of those (the run's length, the
+    learning-rate schedule, the output folder, the data and the logging do not: the learning
+    rate is a step input)."""
     import mindone
 
     from .. import __version__
