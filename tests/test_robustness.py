@@ -335,22 +335,37 @@ def test_cli_model_folder_missing_a_subfolder(tiny_model_dir, tmp_path, capfd):
     assert capfd.readouterr().err.strip().splitlines() == [f"error: model folder {broken} has no 'text_encoder/' subfolder"]
 
 
+def test_the_first_stop_signal_names_the_stop():
+    from mindscedit.training.trainer import StopRequest
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:  # a scheduler's SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+    with StopRequest() as stop:  # Ctrl-C, then the SIGTERM that dying loader workers can bring
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGINT"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+
+
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_saves_and_exits_0(tiny_model_dir, data_dir, tmp_path):
+def test_ctrl_c_finishes_the_step_saves_and_exits_0(tiny_model_dir, data_dir, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (loader workers included)."""
     out = tmp_path / "out"
     cmd = cli_train(tiny_model_dir, data_dir, out, max_train_steps=1000, checkpointing_steps=1000)
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
         try:
             wait_for(lambda: len(logged_steps(out)) >= 2, proc, "two training steps")
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGINT)
             stdout, _ = proc.communicate(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0, open(tmp_path / "stderr.txt").read()[-3000:]
     last_step = logged_steps(out)[-1]["step"]
-    assert "stopped early: received SIGTERM; resume with the same command plus --resume_from_checkpoint latest" in stdout
+    assert "stopped early: received SIGINT; resume with the same command plus --resume_from_checkpoint latest" in stdout
     assert f"stopped: step {last_step}," in stdout and f"checkpoint in {out / f'checkpoint-{last_step}'}" in stdout
     assert "done:" not in stdout and "weights in" not in stdout  # no final weights were written
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [f"checkpoint-{last_step}"]

@@ -67,7 +67,11 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
+        # The first signal names the stop: after a Ctrl-C (SIGINT to the whole process group) the
+        # data loader's workers die and MindSpore's dataset watchdog may send the main process a
+        # SIGTERM of its own.
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
 
 
 @dataclass
