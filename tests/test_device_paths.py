@@ -131,7 +131,7 @@ def test_compile_cache_key_follows_what_the_step_is_built_from():
     outside_the_graph = dict(output_dir="elsewhere", seed=3, noise_offset=0.1, logging_steps=7, learning_rate=1e-3,
                              lr_scheduler="cosine", train_data_dir="d", validation_prompt=["a cat"],
                              max_train_steps=5000, lr_warmup_steps=100)
-    assert _tiny_step_key(**base, **outside_the_graph) == key
+    assert _tiny_step_key(**dict(base, **outside_the_graph)) == key
     for in_the_graph in (dict(mixed_precision="bf16"), dict(mixed_precision="fp16"), dict(max_grad_norm=None),
                          dict(snr_gamma=5.0), dict(prediction_type="v_prediction"), dict(jit_level="O1"),
                          dict(gradient_checkpointing=True), dict(method="scedit"),
