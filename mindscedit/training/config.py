@@ -11,6 +11,7 @@ that method (methods.py).
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -39,16 +40,18 @@ def _optimizer_names():
 
 
 def setting(default=None, help: str = "", *, choices: Union[Sequence, Callable, None] = None,
-            at_least: Optional[float] = None, above: Optional[float] = None, group: str = "",
-            section: Optional[str] = None, key: Optional[str] = None, default_factory=None):
+            at_least: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None,
+            may_be_inf: bool = False, group: str = "", section: Optional[str] = None, key: Optional[str] = None,
+            default_factory=None):
     """A TrainConfig field with what `--help`, the YAML reader and validate() need to know of it.
 
     choices: the allowed values (or a function returning them, for registries); at_least /
-    above: the bound a number must keep (>= / >); section, key: where the field may also be
+    above / below: the bounds a number must keep (>= / > / <); a number must be finite unless
+    may_be_inf (then `inf` is allowed, never NaN); section, key: where the field may also be
     written in a YAML section (key defaults to the field's name).
     """
-    metadata = dict(help=help, choices=choices, at_least=at_least, above=above, group=group,
-                    section=section, key=key)
+    metadata = dict(help=help, choices=choices, at_least=at_least, above=above, below=below, may_be_inf=may_be_inf,
+                    group=group, section=section, key=key)
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -94,11 +97,14 @@ class TrainConfig:
     lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' names)", choices=LR_SCHEDULERS,
                                 group=OPTIM)
     lr_warmup_steps: int = setting(0, "steps of linear warm-up", at_least=0, group=OPTIM)
-    adam_beta1: float = setting(0.9, "AdamW's first-moment decay", group=OPTIM, section="adamw", key="beta1")
-    adam_beta2: float = setting(0.999, "AdamW's second-moment decay", group=OPTIM, section="adamw", key="beta2")
-    adam_epsilon: float = setting(1e-8, "AdamW's epsilon", group=OPTIM, section="adamw", key="epsilon")
-    adam_weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay", group=OPTIM, section="adamw",
-                                       key="weight_decay")
+    adam_beta1: float = setting(0.9, "AdamW's first-moment decay", at_least=0, below=1, group=OPTIM,
+                                section="adamw", key="beta1")
+    adam_beta2: float = setting(0.999, "AdamW's second-moment decay", at_least=0, below=1, group=OPTIM,
+                                section="adamw", key="beta2")
+    adam_epsilon: float = setting(1e-8, "AdamW's epsilon", at_least=0, group=OPTIM, section="adamw",
+                                  key="epsilon")
+    adam_weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay",
+                                       at_least=0, group=OPTIM, section="adamw", key="weight_decay")
     max_grad_norm: Optional[float] = setting(1.0, "clip gradients to this global norm (none: no clipping)", above=0,
                                              group=OPTIM)
     snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5.0 is usual; none: plain MSE)",
@@ -299,6 +305,12 @@ def _check_declared(config: TrainConfig) -> None:
             _check(value >= meta["at_least"], f"{f.name} must be >= {meta['at_least']}, got {value}")
         if meta["above"] is not None:
             _check(value > meta["above"], f"{f.name} must be > {meta['above']}, got {value}")
+        if meta["below"] is not None:
+            _check(value < meta["below"], f"{f.name} must be < {meta['below']}, got {value}")
+        if isinstance(value, float) and not math.isfinite(value):
+            _check(meta["may_be_inf"] and value == math.inf,
+                   f"{f.name} must be a finite number, got {value}" if not meta["may_be_inf"]
+                   else f"{f.name} must be a number or inf, got {value}")
 
 
 def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
@@ -323,6 +335,8 @@ def _help_text(f) -> str:
         parts.append(f">= {meta['at_least']:g}")
     if meta["above"] is not None:
         parts.append(f"> {meta['above']:g}")
+    if meta["below"] is not None:
+        parts.append(f"< {meta['below']:g}")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(default, bool):
         parts.append(f"default: {str(default).lower()}")
@@ -354,4 +368,5 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The settings as JSON can hold them: an infinite number as "inf" (which load_config reads back)."""
+    return {key: "inf" if value == math.inf else value for key, value in dataclasses.asdict(config).items()}
