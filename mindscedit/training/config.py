@@ -97,14 +97,30 @@ class TrainConfig:
     lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' names)", choices=LR_SCHEDULERS,
                                 group=OPTIM)
     lr_warmup_steps: int = setting(0, "steps of linear warm-up", at_least=0, group=OPTIM)
-    adam_beta1: float = setting(0.9, "AdamW's first-moment decay", at_least=0, below=1, group=OPTIM,
+    # The adam_* settings are Prodigy's too, as in diffusers' scripts.
+    adam_beta1: float = setting(0.9, "first-moment decay (AdamW, Prodigy)", at_least=0, below=1, group=OPTIM,
                                 section="adamw", key="beta1")
-    adam_beta2: float = setting(0.999, "AdamW's second-moment decay", at_least=0, below=1, group=OPTIM,
+    adam_beta2: float = setting(0.999, "second-moment decay (AdamW, Prodigy)", at_least=0, below=1, group=OPTIM,
                                 section="adamw", key="beta2")
-    adam_epsilon: float = setting(1e-8, "AdamW's epsilon", at_least=0, group=OPTIM, section="adamw",
+    adam_epsilon: float = setting(1e-8, "epsilon (AdamW, Prodigy)", at_least=0, group=OPTIM, section="adamw",
                                   key="epsilon")
-    adam_weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay",
+    adam_weight_decay: float = setting(1e-2, "weight decay (AdamW: decoupled; Prodigy: see prodigy_decouple)",
                                        at_least=0, group=OPTIM, section="adamw", key="weight_decay")
+    prodigy_beta3: Optional[float] = setting(None, "decay of Prodigy's running sums for d (none: sqrt(adam_beta2))",
+                                             at_least=0, below=1, group=OPTIM, section="prodigy", key="beta3")
+    prodigy_decouple: bool = setting(True, "Prodigy: decoupled (AdamW-style) weight decay; false: L2 added to the "
+                                     "gradient", group=OPTIM, section="prodigy", key="decouple")
+    prodigy_use_bias_correction: bool = setting(False, "Prodigy: Adam's bias correction", group=OPTIM,
+                                                section="prodigy", key="use_bias_correction")
+    prodigy_safeguard_warmup: bool = setting(False, "Prodigy: leave the lr out of d's denominator (for warm-up)",
+                                             group=OPTIM, section="prodigy", key="safeguard_warmup")
+    prodigy_d0: float = setting(1e-6, "Prodigy's initial d (step size) estimate", above=0, group=OPTIM,
+                                section="prodigy", key="d0")
+    prodigy_d_coef: float = setting(1.0, "Prodigy: scales the d estimate (the knob to turn: 0.5 smaller, 2 larger)",
+                                    above=0, group=OPTIM, section="prodigy", key="d_coef")
+    prodigy_growth_rate: float = setting(math.inf, "Prodigy: d grows at most this factor per step (inf: no limit)",
+                                         at_least=1, may_be_inf=True, group=OPTIM, section="prodigy",
+                                         key="growth_rate")
     max_grad_norm: Optional[float] = setting(1.0, "clip gradients to this global norm (none: no clipping)", above=0,
                                              group=OPTIM)
     snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5.0 is usual; none: plain MSE)",
@@ -322,6 +338,9 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
     _check(config.resolution > 0 and config.resolution % 8 == 0,
            f"resolution must be a positive multiple of 8, got {config.resolution}")
     _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
+    # Prodigy divides by sqrt(v) + d * eps, and v is 0 wherever a gradient has been 0 (LoRA's A while B is 0).
+    _check(config.optimizer != "prodigy" or config.adam_epsilon > 0,
+           f"adam_epsilon must be > 0 with --optimizer prodigy, got {config.adam_epsilon}")
     method_class(config.method).check(config)
     if device_target == "CPU":
         _check(config.jit_level != "O2", "jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
