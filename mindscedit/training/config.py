@@ -11,6 +11,7 @@ that method (methods.py).
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -40,16 +41,18 @@ def _optimizer_names():
 
 
 def setting(default=None, help: str = "", *, choices: Union[Sequence, Callable, None] = None,
-            at_least: Optional[float] = None, above: Optional[float] = None, group: str = "",
-            section: Optional[str] = None, key: Optional[str] = None, default_factory=None):
+            at_least: Optional[float] = None, above: Optional[float] = None, below: Optional[float] = None,
+            may_be_inf: bool = False, group: str = "", section: Optional[str] = None, key: Optional[str] = None,
+            default_factory=None):
     """A TrainConfig field with what `--help`, the YAML reader and validate() need to know of it.
 
     choices: the allowed values (or a function returning them, for registries); at_least /
-    above: the bound a number must keep (>= / >); section, key: where the field may also be
+    above / below: the bounds a number must keep (>= / > / <); a number must be finite unless
+    may_be_inf (then `inf` is allowed, never NaN); section, key: where the field may also be
     written in a YAML section (key defaults to the field's name).
     """
-    metadata = dict(help=help, choices=choices, at_least=at_least, above=above, group=group,
-                    section=section, key=key)
+    metadata = dict(help=help, choices=choices, at_least=at_least, above=above, below=below, may_be_inf=may_be_inf,
+                    group=group, section=section, key=key)
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -106,11 +109,30 @@ class TrainConfig:
     lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' names)", choices=LR_SCHEDULERS,
                                 group=OPTIM)
     lr_warmup_steps: int = setting(0, "steps of linear warm-up", at_least=0, group=OPTIM)
-    adam_beta1: float = setting(0.9, "AdamW's first-moment decay", group=OPTIM, section="adamw", key="beta1")
-    adam_beta2: float = setting(0.999, "AdamW's second-moment decay", group=OPTIM, section="adamw", key="beta2")
-    adam_epsilon: float = setting(1e-8, "AdamW's epsilon", group=OPTIM, section="adamw", key="epsilon")
-    adam_weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay", group=OPTIM, section="adamw",
-                                       key="weight_decay")
+    # The adam_* settings are Prodigy's too, as in diffusers' scripts.
+    adam_beta1: float = setting(0.9, "first-moment decay (AdamW, Prodigy)", at_least=0, below=1, group=OPTIM,
+                                section="adamw", key="beta1")
+    adam_beta2: float = setting(0.999, "second-moment decay (AdamW, Prodigy)", at_least=0, below=1, group=OPTIM,
+                                section="adamw", key="beta2")
+    adam_epsilon: float = setting(1e-8, "epsilon (AdamW, Prodigy)", at_least=0, group=OPTIM, section="adamw",
+                                  key="epsilon")
+    adam_weight_decay: float = setting(1e-2, "weight decay (AdamW: decoupled; Prodigy: see prodigy_decouple)",
+                                       at_least=0, group=OPTIM, section="adamw", key="weight_decay")
+    prodigy_beta3: Optional[float] = setting(None, "decay of Prodigy's running sums for d (none: sqrt(adam_beta2))",
+                                             at_least=0, below=1, group=OPTIM, section="prodigy", key="beta3")
+    prodigy_decouple: bool = setting(True, "Prodigy: decoupled (AdamW-style) weight decay; false: L2 added to the "
+                                     "gradient", group=OPTIM, section="prodigy", key="decouple")
+    prodigy_use_bias_correction: bool = setting(False, "Prodigy: Adam's bias correction", group=OPTIM,
+                                                section="prodigy", key="use_bias_correction")
+    prodigy_safeguard_warmup: bool = setting(False, "Prodigy: leave the lr out of d's denominator (for warm-up)",
+                                             group=OPTIM, section="prodigy", key="safeguard_warmup")
+    prodigy_d0: float = setting(1e-6, "Prodigy's initial d (step size) estimate", above=0, group=OPTIM,
+                                section="prodigy", key="d0")
+    prodigy_d_coef: float = setting(1.0, "Prodigy: scales the d estimate (the knob to turn: 0.5 smaller, 2 larger)",
+                                    above=0, group=OPTIM, section="prodigy", key="d_coef")
+    prodigy_growth_rate: float = setting(math.inf, "Prodigy: d grows at most this factor per step (inf: no limit)",
+                                         at_least=1, may_be_inf=True, group=OPTIM, section="prodigy",
+                                         key="growth_rate")
     max_grad_norm: Optional[float] = setting(1.0, "clip gradients to this global norm (none: no clipping)", above=0,
                                              group=OPTIM)
     snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5.0 is usual; none: plain MSE)",
@@ -320,6 +342,12 @@ def _check_declared(config: TrainConfig) -> None:
             _check(value >= meta["at_least"], f"{f.name} must be >= {meta['at_least']}, got {value}")
         if meta["above"] is not None:
             _check(value > meta["above"], f"{f.name} must be > {meta['above']}, got {value}")
+        if meta["below"] is not None:
+            _check(value < meta["below"], f"{f.name} must be < {meta['below']}, got {value}")
+        if isinstance(value, float) and not math.isfinite(value):
+            _check(meta["may_be_inf"] and value == math.inf,
+                   f"{f.name} must be a finite number, got {value}" if not meta["may_be_inf"]
+                   else f"{f.name} must be a number or inf, got {value}")
 
 
 def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
@@ -331,6 +359,9 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
     _check(config.resolution > 0 and config.resolution % 8 == 0,
            f"resolution must be a positive multiple of 8, got {config.resolution}")
     _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
+    # Prodigy divides by sqrt(v) + d * eps, and v is 0 wherever a gradient has been 0 (LoRA's A while B is 0).
+    _check(config.optimizer != "prodigy" or config.adam_epsilon > 0,
+           f"adam_epsilon must be > 0 with --optimizer prodigy, got {config.adam_epsilon}")
     method_class(config.method).check(config)
     if device_target == "CPU":
         _check(config.jit_level != "O2", "jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
@@ -344,6 +375,8 @@ def _help_text(f) -> str:
         parts.append(f">= {meta['at_least']:g}")
     if meta["above"] is not None:
         parts.append(f"> {meta['above']:g}")
+    if meta["below"] is not None:
+        parts.append(f"< {meta['below']:g}")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(default, bool):
         parts.append(f"default: {str(default).lower()}")
@@ -375,4 +408,5 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The settings as JSON can hold them: an infinite number as "inf" (which load_config reads back)."""
+    return {key: "inf" if value == math.inf else value for key, value in dataclasses.asdict(config).items()}

@@ -13,7 +13,7 @@ An optimizer here is a MindSpore Optimizer with two additions the rest of the pa
   more steps would compile it again instead of loading it from the compile cache.
 
 A new optimizer is a class with those, a builder that reads its settings from the training
-config, and one entry in OPTIMIZERS.
+config, and one entry in OPTIMIZERS. AdamW is here; Prodigy, longer, in prodigy.py.
 """
 from typing import Callable, Dict, List, Sequence
 
@@ -22,6 +22,8 @@ from mindspore import ops
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindone.trainers.adamw_mf import AdamW
+
+from .prodigy import prodigy_from_config
 
 
 _fused_adamw = C.MultitypeFuncGraph("fused_adamw")
@@ -102,7 +104,7 @@ def _adamw_from_config(params, learning_rate, config) -> GatedAdamW:
 
 
 # name -> builder(trainable parameters, first learning rate, training config)
-OPTIMIZERS: Dict[str, Callable] = {"adamw": _adamw_from_config}
+OPTIMIZERS: Dict[str, Callable] = {"adamw": _adamw_from_config, "prodigy": prodigy_from_config}
 
 
 def build_optimizer(name: str, params: List[ms.Parameter], learning_rate: float, config):
