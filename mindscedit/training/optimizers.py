@@ -43,8 +43,7 @@ def _fused_adamw_update(apply, grad_factor, lr, beta1, beta2, eps, decay, param,
 
 class GatedAdamW(AdamW):
     """mindone's AdamW (bias-corrected, decoupled decay, as torch.optim.AdamW) with an `apply`
-    flag: when it is False the weights, moments, step count and learning-rate position all stay
-    as they were.
+    flag: when it is False the weights, moments and step count all stay as they were.
 
     The update runs as MindSpore's fused AdamWeightDecay kernel, one node per parameter instead of
     some twenty, which matters for compile time when every UNet weight trains. That kernel has no
