@@ -127,7 +127,7 @@ def make(weights, settings):
     return params, GatedProdigy(params, LRS[0], **settings)
 
 
-def call(optimizer, reference, *args):
+def run_call(optimizer, reference, *args):
     """One optimizer call at the rate of the reference's next step, set as the training step sets
     it (a skipped call leaves the reference where it was, so the call after it gets the same rate)."""
     optimizer.learning_rate.set_data(ms.Tensor(reference.lrs[reference.calls], ms.float32))
@@ -169,15 +169,15 @@ def test_matches_prodigyopt_step_by_step_through_a_skip_and_a_resume(name):
         if call == SKIPPED_STEP:
             grads[0][1, 2] = np.nan
             before = optimizer_state(optimizer), [p.asnumpy().copy() for p in params]
-            call(optimizer, reference, tuple(ms.Tensor(g) for g in grads), ms.Tensor(False),
-                 ms.Tensor(grad_factor, ms.float32))
+            run_call(optimizer, reference, tuple(ms.Tensor(g) for g in grads), ms.Tensor(False),
+                     ms.Tensor(grad_factor, ms.float32))
             after = optimizer_state(optimizer), [p.asnumpy().copy() for p in params]
             for key in before[0]:  # weights, p0, m, v, s, d, d_max, r, k, step count: bitwise the same
                 assert np.array_equal(before[0][key], after[0][key]), key
             assert all(np.array_equal(a, b) for a, b in zip(before[1], after[1]))
             continue
-        call(optimizer, reference, tuple(ms.Tensor(g) for g in grads), ms.Tensor(True),
-             ms.Tensor(grad_factor, ms.float32))
+        run_call(optimizer, reference, tuple(ms.Tensor(g) for g in grads), ms.Tensor(True),
+                 ms.Tensor(grad_factor, ms.float32))
         reference.step([g.astype(np.float64) * grad_factor for g in grads])
         assert_matches(params, optimizer, reference, f"{name}, call {call}")
         d_values.append(reference.d)
@@ -201,7 +201,7 @@ def test_called_with_gradients_only_as_the_accumulating_step_calls_it():
     reference = ReferenceProdigy(weights, LRS)
     for _ in range(4):
         grads = [rng.standard_normal(w.shape).astype(np.float32) + 1.0 for w in weights]
-        call(optimizer, reference, tuple(ms.Tensor(g) for g in grads))
+        run_call(optimizer, reference, tuple(ms.Tensor(g) for g in grads))
         reference.step(grads)
     assert_matches(params, optimizer, reference, "gradients only")
     assert reference.k == 3  # the lr-0 first step made none
