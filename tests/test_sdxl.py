@@ -86,7 +86,6 @@ def test_the_prompt_tokenizer_gives_one_row_per_tokenizer(components):
         np.testing.assert_array_equal(row, expected)
 
 
-@pytest.mark.slow
 def test_prompt_encoding_matches_mindones_sdxl_pipeline(components, tiny_sdxl_model_dir):
     from mindone.diffusers import StableDiffusionXLPipeline
 
@@ -119,6 +118,7 @@ def test_time_ids_are_original_size_crop_and_target_size():
         time_ids((64, 64), (0, 0, 0), (64, 64))
 
 
+@pytest.mark.slow
 def test_the_tiny_unet_takes_the_added_conditions(components):
     """The family's prompt encoder and time ids are what the UNet's text_time embedding reads."""
     hidden_states, text_embeds = SDXL.prompt_encoder(components)(
@@ -130,3 +130,16 @@ def test_the_tiny_unet_takes_the_added_conditions(components):
     other = dict(conditions, time_ids=SDXL.add_time_ids((32, 64), (8, 0), (64, 64)))
     assert not np.allclose(out.asnumpy(), components.unet(latents, ms.Tensor([10]), hidden_states,
                                                           added_cond_kwargs=other)[0].asnumpy())
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_training_and_sampling_refuse_sdxl_in_one_line_until_they_pass_its_conditions(
+        command, tiny_sdxl_model_dir, photos_dir, tmp_path, capfd):
+    from mindscedit.cli import main
+
+    args = {"train": ["--train_data_dir", photos_dir], "sample": ["--prompt", "a cat"]}[command]
+    assert main([command, "--pretrained_model_name_or_path", tiny_sdxl_model_dir, "--output_dir", str(tmp_path / "out"),
+                 "--device_target", "CPU", *args]) == 2
+    purpose = {"train": "training", "sample": "sampling"}[command]
+    assert capfd.readouterr().err.strip().splitlines() == [
+        f"error: {tiny_sdxl_model_dir} is an SDXL pipeline; {purpose} supports SD1.x/2.x folders so far"]

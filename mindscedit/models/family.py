@@ -165,3 +165,11 @@ def detect_family(path: str):
         if not os.path.isdir(os.path.join(path, sub)):
             raise ModelFolderError(f"model folder {path} has no '{sub}/' subfolder")
     return family
+
+
+def refuse_added_conditions(path: str, purpose: str) -> None:
+    """One line for a folder whose family takes added conditions (SDXL): it loads and encodes
+    prompts, but `purpose` (training, sampling) does not pass them to the UNet yet."""
+    family = detect_family(path)
+    if family.added_conditions:
+        raise ModelFolderError(f"{path} is an {family.__name__} pipeline; {purpose} supports SD1.x/2.x folders so far")
