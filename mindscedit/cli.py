@@ -123,8 +123,8 @@ def cmd_make_tiny_model(args):
     check_output_path(args.output_dir, "output_dir")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise UserError(f"output_dir {args.output_dir} is not empty; give a new or empty folder")
-    make_tiny_model(args.output_dir, prediction_type=args.prediction_type, seed=args.seed)
-    print(f"tiny {args.prediction_type} pipeline written to {args.output_dir}")
+    make_tiny_model(args.output_dir, prediction_type=args.prediction_type, seed=args.seed, family=args.family)
+    print(f"tiny {args.family} {args.prediction_type} pipeline written to {args.output_dir}")
 
 
 def cmd_sample(args):
@@ -184,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--seed", type=int, default=0, help="inpainting mask")
     annotate.set_defaults(func=cmd_annotate, subparser=annotate)
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD pipeline (diffusers format)",
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD or SDXL pipeline (diffusers format)",
                           allow_abbrev=False)
     tiny.add_argument("output_dir")
     tiny.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--family", default="sd", choices=["sd", "sdxl"],
+                      help="sd: an SD1.x-like pipeline; sdxl: two text encoders and a text_time UNet")
     tiny.set_defaults(func=cmd_make_tiny_model, subparser=tiny)
 
     check = sub.add_parser("check-data", help="report every problem in a dataset without training",

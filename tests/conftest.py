@@ -34,3 +34,10 @@ def tiny_vpred_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def photos_dir():
     return str(PHOTOS16)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    from mindscedit.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"), family="sdxl")

@@ -18,6 +18,7 @@ WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 
 
@@ -29,6 +30,9 @@ class PipelineComponents:
     tokenizer: Any
     noise_scheduler: Any
     family: Any = None  # models.family: how prompts and latents reach the UNet
+    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer
+    tokenizer_2: Any = None
+    scheduler_config: dict = None  # the folder's scheduler config as written (e.g. SDXL's Euler), with _class_name
 
     def __post_init__(self):
         if self.family is None:
@@ -69,22 +73,31 @@ def check_model_folder(path: str, subfolders=SUBFOLDERS) -> None:
                     f"no {stem}.safetensors in {folder} (found: {', '.join(found) or 'nothing'}); "
                     "only safetensors weights can be loaded"
                 )
-        if not os.path.isfile(os.path.join(folder, "config.json")) and sub not in ("tokenizer", "scheduler"):
+        if not os.path.isfile(os.path.join(folder, "config.json")) and sub not in ("tokenizer", "tokenizer_2", "scheduler"):
             raise ModelFolderError(f"{folder} has no config.json")
-    if not glob.glob(os.path.join(path, "scheduler", "*.json")):
+    if "scheduler" in subfolders and not glob.glob(os.path.join(path, "scheduler", "*.json")):
         raise ModelFolderError(f"{os.path.join(path, 'scheduler')} has no scheduler_config.json")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, subfolder: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
 
 
 def load_noise_scheduler(path: str):
+    """The training noise scheduler: DDPM over the folder's betas, whichever sampler the folder's
+    config names (SDXL ships an EulerDiscreteScheduler config; diffusers' training scripts do the same)."""
     from mindone.diffusers import DDPMScheduler
 
     return DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+
+
+def load_scheduler_config(path: str) -> dict:
+    """The folder's scheduler config as written: its `_class_name` and every setting."""
+    from mindone.diffusers import DDPMScheduler
+
+    return dict(DDPMScheduler.load_config(path, subfolder="scheduler", local_files_only=True))
 
 
 FLASH_ATTENTION_ENV = "MINDSCEDIT_FLASH_ATTENTION"
@@ -129,29 +142,43 @@ def load_unet_folder(path: str, dtype=ms.float32):
 
 
 def load_components(path: str, dtype=ms.float32) -> PipelineComponents:
-    """Load UNet, VAE, text encoder, tokenizer and DDPM noise scheduler from a local folder."""
-    from mindone.diffusers import AutoencoderKL
-    from mindone.transformers import CLIPTextModel
-
+    """Load the UNet, VAE, text encoders, tokenizers and DDPM noise scheduler of the folder's
+    family (models/family.py) from a local folder."""
     from .family import detect_family
 
-    check_model_folder(path)
     family = detect_family(path)
+    check_model_folder(path, family.subfolders)
     try:
         return PipelineComponents(
             unet=load_unet(path, dtype),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=dtype, local_files_only=True),
-            text_encoder=CLIPTextModel.from_pretrained(
-                os.path.join(path, "text_encoder"), mindspore_dtype=dtype, local_files_only=True
-            ),
-            tokenizer=load_tokenizer(path),
+            vae=load_vae(path, dtype),
             noise_scheduler=load_noise_scheduler(path),
+            scheduler_config=load_scheduler_config(path),
             family=family,
+            **{name: load_text_encoder(path, name, dtype) for name in family.text_encoders},
+            **{name: load_tokenizer(path, name) for name in family.tokenizers},
         )
     except (OSError, ValueError) as err:  # ValueError: a config the model class refuses (JSONDecodeError too)
         # The loaders raise long multi-line messages; keep the first line, which names the file.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFolderError(f"cannot load the model in {path}: {first_line}") from err
+
+
+def load_vae(path: str, dtype=ms.float32):
+    from mindone.diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", mindspore_dtype=dtype, local_files_only=True)
+
+
+# The text encoder class of each subfolder: SDXL's second encoder has the pooled projection.
+TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+def load_text_encoder(path: str, subfolder: str, dtype=ms.float32):
+    import mindone.transformers
+
+    model_class = getattr(mindone.transformers, TEXT_ENCODER_CLASSES[subfolder])
+    return model_class.from_pretrained(os.path.join(path, subfolder), mindspore_dtype=dtype, local_files_only=True)
 
 
 def build_unet(config: dict, dtype=ms.float32):

@@ -47,6 +47,27 @@ TINY_UNET = dict(
     norm_num_groups=32,
 )
 
+# An SDXL-shaped UNet at tiny widths: DownBlock2D first, linear projections, transformer depth per
+# block, and the "text_time" added embedding (6 time ids of TINY_SDXL_TIME_DIM each + the pooled
+# prompt). Its cross_attention_dim and projection input follow from the two tiny text encoders.
+TINY_SDXL_TIME_DIM = 8
+
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    norm_num_groups=32,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+)
+
 UNET_PRESETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "mid": MID_UNET, "tiny": TINY_UNET}
 
 TINY_VAE = dict(
@@ -73,6 +94,16 @@ TINY_CLIP_TEXT = dict(
     hidden_act="quick_gelu",
 )
 
+# The second, larger text encoder of the tiny SDXL pipeline (CLIPTextModelWithProjection): sizes
+# differ from the first one's so that a swapped or misordered encoder changes the shapes.
+TINY_CLIP_TEXT_2 = dict(
+    TINY_CLIP_TEXT,
+    hidden_size=40,
+    intermediate_size=47,
+    projection_dim=16,
+    hidden_act="gelu",
+)
+
 # DDPM training schedule of SD1.x/2.x (scaled_linear betas 0.00085..0.012 over 1000 steps).
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -81,6 +112,17 @@ SD_SCHEDULER = dict(
     beta_schedule="scaled_linear",
     clip_sample=False,
     steps_offset=1,
+    prediction_type="epsilon",
+)
+
+# SDXL's EulerDiscreteScheduler config (same betas; leading timestep spacing).
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
     prediction_type="epsilon",
 )
 

@@ -9,7 +9,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-__all__ = ["PromptTokenizer", "write_tiny_clip_tokenizer"]
+__all__ = ["PromptTokenizer", "PromptTokenizers", "write_tiny_clip_tokenizer"]
 
 logger = logging.getLogger("mindscedit")
 
@@ -43,6 +43,22 @@ class PromptTokenizer:
         cut = self.tokenizer.decode(ids[self.length - 1 : -1])
         logger.warning("a prompt is longer than the text encoder's %d tokens; cut off: %r%s (further long "
                        "prompts are cut without a warning)", self.length, cut[:200], "..." if len(cut) > 200 else "")
+
+
+class PromptTokenizers:
+    """text -> int32 token ids [N, L], row i from tokenizer i (SDXL's two CLIP tokenizers), each
+    padded and cut as PromptTokenizer does. All tokenizers must have the same length."""
+
+    def __init__(self, tokenizers):
+        self.tokenizers = [PromptTokenizer(tokenizer) for tokenizer in tokenizers]
+        lengths = sorted({tokenizer.length for tokenizer in self.tokenizers})
+        if len(lengths) > 1:
+            raise ValueError(f"the tokenizers' model_max_length differ ({', '.join(map(str, lengths))}); "
+                             "one token-id array per prompt needs one length")
+        self.length = lengths[0]
+
+    def __call__(self, text: str) -> np.ndarray:
+        return np.stack([tokenize(text) for tokenize in self.tokenizers])
 
 
 def write_tiny_clip_tokenizer(folder: Union[str, Path]) -> CLIPTokenizer:

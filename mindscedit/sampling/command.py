@@ -86,6 +86,7 @@ def run_sample(args) -> dict:
             raise UserError(f"--{flag} must be a positive multiple of 8, got {value}")
 
     from ..models import load_components
+    from ..models.family import refuse_added_conditions
     from ..models.loading import load_unet_folder
     from ..runtime import DTYPES, init_runtime
     from .adapters import apply_csc_tuners, apply_loras, apply_sc_tuners
@@ -95,6 +96,7 @@ def run_sample(args) -> dict:
     runtime = init_runtime(args.device_target)
     if runtime.device_target == "CPU" and args.mixed_precision == "bf16":
         raise UserError("--mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel)")
+    refuse_added_conditions(args.pretrained_model_name_or_path, "sampling")
     components = load_components(args.pretrained_model_name_or_path, DTYPES[args.mixed_precision])
     if args.unet:
         components.unet = load_unet_folder(args.unet, DTYPES[args.mixed_precision])

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..data import create_dataloader, iterate_batches, load_records
 from ..losses import DiffusionLoss
+from ..models.family import refuse_added_conditions
 from ..models.loading import load_components
 from ..runtime import FP16_ON_CPU, Runtime, init_runtime
 from .builder import Encoders, build_step
@@ -185,6 +186,7 @@ class Trainer:
         self.plan = plan_run(c, len(self.records), self.runtime.world_size)
         for message in self.plan.messages:
             self._info("%s", message)
+        refuse_added_conditions(c.pretrained_model_name_or_path, "training")
         self.components = comps = load_components(c.pretrained_model_name_or_path)
         self.family = comps.family
         prediction_type = c.prediction_type or comps.prediction_type
