@@ -9,12 +9,30 @@ if "MINDSCEDIT_COMPILE_CACHE" not in os.environ:  # tests (and their subprocesse
 
     os.environ["MINDSCEDIT_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mindscedit-compile-cache-")
 
+import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402
 
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 
 PHOTOS16 = Path(__file__).resolve().parent.parent / "mindscedit" / "assets" / "photos16"
+
+
+class GradientsAreInputs(ms.nn.Cell):
+    """loss = sum(cw * w) + sum(cb * b): a step's gradients are its inputs (w starts at 0, b at 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = ms.Parameter(ms.Tensor(np.zeros(4, np.float32)), name="w")
+        self.b = ms.Parameter(ms.Tensor(np.ones((2, 3), np.float32)), name="b")
+
+    def construct(self, cw, cb):
+        return (self.w * cw).sum() + (self.b * cb).sum()
+
+
+@pytest.fixture
+def gradients_are_inputs():
+    return GradientsAreInputs()
 
 
 @pytest.fixture(scope="session")

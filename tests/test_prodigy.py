@@ -230,23 +230,12 @@ def test_parameter_groups_are_refused():
         GatedProdigy([{"params": [param], "lr": 0.5}], 1.0)
 
 
-def test_in_the_branch_free_step_fp16_unscaling_and_a_nan_step():
+def test_in_the_branch_free_step_fp16_unscaling_and_a_nan_step(gradients_are_inputs):
     """Through build_train_step: loss-scaled fp16 gradients, clipping, a NaN step skipped; every
     optimizer tensor in the step's cell tree (all a graph loaded from the compile cache binds)."""
-    from mindspore import nn
-
     from mindscedit.training.step import build_train_step
 
-    class Linear(nn.Cell):  # loss = sum(cw * w) + sum(cb * b): the gradients are the inputs
-        def __init__(self):
-            super().__init__()
-            self.w = ms.Parameter(ms.Tensor(np.zeros(4, np.float32)), name="w")
-            self.b = ms.Parameter(ms.Tensor(np.ones((2, 3), np.float32)), name="b")
-
-        def construct(self, cw, cb):
-            return (self.w * cw).sum() + (self.b * cb).sum()
-
-    net, lrs, max_norm = Linear(), [1.0] * 8, 1.0
+    net, lrs, max_norm = gradients_are_inputs, [1.0] * 8, 1.0
     optimizer = GatedProdigy([net.w, net.b], lrs[0], weight_decay=0.01)
     step = build_train_step(net, optimizer, "fp16", max_norm, 1)
     registered = {id(p) for _, p in step.parameters_and_names()}

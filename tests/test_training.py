@@ -184,22 +184,12 @@ def test_gated_adamw_matches_torch_adamw_and_a_gated_off_step_changes_nothing():
     ("no", "norm"), ("fp16", "norm"),  # fp16: gradients arrive loss-scaled by 2^16
     ("fp16", "status"),  # MindSpore's all_finite, the check used on Ascend
 ])
-def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_precision, overflow_check):
-    from mindspore import nn
-
+def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_precision, overflow_check,
+                                                                     gradients_are_inputs):
     from mindscedit.training.optimizers import adamw as make_optimizer
     from mindscedit.training.step import BranchFreeTrainStep, build_train_step
 
-    class Linear(nn.Cell):  # loss = sum(cw * w) + sum(cb * b): the gradients are the inputs
-        def __init__(self):
-            super().__init__()
-            self.w = ms.Parameter(ms.Tensor(np.zeros(4, np.float32)), name="w")
-            self.b = ms.Parameter(ms.Tensor(np.ones((2, 3), np.float32)), name="b")
-
-        def construct(self, cw, cb):
-            return (self.w * cw).sum() + (self.b * cb).sum()
-
-    net = Linear()
+    net = gradients_are_inputs
     lr, (beta1, beta2), eps, decay, max_norm = 1e-2, (0.9, 0.999), 1e-8, 1e-2, 1.0
     optimizer = make_optimizer([net.w, net.b], 0.0, beta1, beta2, eps, decay)  # the step sets the rate
     step = build_train_step(net, optimizer, mixed_precision, max_norm, 1, overflow_check=overflow_check)
