@@ -62,6 +62,15 @@ CASES = {
     "make-tiny-model into a non-empty folder": (["make-tiny-model", "{t}/full"],
                                                 "output_dir {t}/full is not empty; give a new or empty folder"),
     "make-tiny-model output is a file": (["make-tiny-model", "{t}/a_file"], "output_dir {t}/a_file is a file"),
+    # /proc refuses new folders even to root, whom os.access lets through everywhere.
+    "train output unwritable": (["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                 "--output_dir", "/proc/mindscedit-run/out"],
+                                "output_dir /proc/mindscedit-run/out cannot be written: /proc: "),
+    "sample output unwritable": (["sample", "--pretrained_model_name_or_path", "m", "--prompt", "a",
+                                  "--output_dir", "/proc/mindscedit-images"],
+                                 "--output_dir /proc/mindscedit-images cannot be written: /proc: "),
+    "make-tiny-model output unwritable": (["make-tiny-model", "/proc/mindscedit-tiny"],
+                                          "output_dir /proc/mindscedit-tiny cannot be written: /proc: "),
 }
 
 
