@@ -146,7 +146,8 @@ def fed_inputs(model_dir, data_dir, output_dir, batch_size, runtime, keep_files=
 
 
 def test_each_rank_gets_its_slice_of_the_global_batch_and_noise(tiny_model_dir, photos_dir, tmp_path):
-    """Pixels, captions, noise and timesteps of rank 0 and rank 1 (2 each) concatenate to one process's 4."""
+    """Pixels, captions, noise and timesteps of rank 0 and rank 1 (2 each) concatenate to one process's 4;
+    the learning rate is the same."""
     single = fed_inputs(tiny_model_dir, photos_dir, tmp_path / "single", 4, Runtime("CPU"))
     rank0 = fed_inputs(tiny_model_dir, photos_dir, tmp_path / "rank0", 2, Runtime("CPU", rank=0, world_size=2))
     rank1_out = tmp_path / "rank1"
@@ -155,7 +156,8 @@ def test_each_rank_gets_its_slice_of_the_global_batch_and_noise(tiny_model_dir, 
     assert not rank1_out.exists()
     assert len(single) == len(rank0) == len(rank1) == STEPS
     for whole, first, second in zip(single, rank0, rank1):
-        for w, a, b in zip(whole, first, second):
+        assert whole[-1] == first[-1] == second[-1]  # the step's learning rate: the same on every card
+        for w, a, b in zip(whole[:-1], first[:-1], second[:-1]):
             np.testing.assert_array_equal(w, np.concatenate([a, b]))
     first_pixels = [call[0] for call in rank0]
     second_pixels = [call[0] for call in rank1]
