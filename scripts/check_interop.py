@@ -5,6 +5,8 @@ never imports mindspore).
 stage1 WORK: base UNet, LoRA, kohya LoRA, DoRA, SC-Tuner (ms-swift tree) against WORK/ms_outputs.npz;
     then writes SC-Tuners from ms-swift itself (WORK/torch_swift) and their output (WORK/torch_reverse.npz).
 stage2 WORK: the MindSpore output of those torch-written tuners (WORK/ms_reverse.npz) against torch's.
+prodigy WORK: replays the gradients of WORK/prodigy.npz (interop_mindspore.py prodigy) through
+    prodigyopt's Prodigy in float64 and compares weights, d, d_max, numerator and step count per call.
 One `PASS|FAIL <check>: ...` line per check; exit 1 on any FAIL.
 """
 import json
@@ -141,7 +143,66 @@ def stage2(work: str) -> None:
             ms_out["sc"], torch_out["sc"], torch_out["base"])
 
 
+PRODIGY_RTOL = 1e-4  # fp32 against float64 over 30 steps; a wrong coefficient or order is off by far more
+
+
+def prodigy(work: str) -> None:
+    """Each setting's MindSpore trajectory (with a resume into a fresh optimizer in the middle)
+    against one uninterrupted prodigyopt run fed the same gradients; a gated-off call is not
+    passed to prodigyopt. Weights are rounded to fp32 after each step, as MindSpore stores them:
+    d's numerator is built from p0 - p, differences of ~1e-6 that fp32 storage alone resolves
+    to ~1 %."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as err:
+        report("Prodigy against prodigyopt", False, f"{error_line(err)} (pip install prodigyopt)")
+        return
+    try:
+        from importlib.metadata import version as installed
+        version = installed("prodigyopt")
+    except Exception:  # imported from a source tree
+        version = "(source)"
+    data = np.load(os.path.join(work, "prodigy.npz"))
+    settings_list = list(json.loads(str(data["settings"])).items())
+    for n, (name, settings) in enumerate(settings_list):
+        i = 0
+        params = []
+        while f"{n}/start/{i}" in data:
+            params.append(torch.nn.Parameter(torch.tensor(data[f"{n}/start/{i}"].astype(np.float64))))
+            i += 1
+        optimizer = Prodigy(params, lr=1.0, **settings)
+        worst = dict(weights=0.0, d=0.0, d_max=0.0, d_numerator=0.0)
+        problems = []
+        for call in range(int(data["calls"])):
+            key = f"{n}/{call}"
+            if bool(data[f"{key}/apply"]):
+                optimizer.param_groups[0]["lr"] = float(data[f"{key}/lr"])
+                for j, p in enumerate(params):
+                    p.grad = torch.tensor(data[f"{key}/grad/{j}"])
+                optimizer.step()
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(p.to(torch.float32).to(torch.float64))
+            group = optimizer.param_groups[0]
+            for j, p in enumerate(params):
+                want, got = p.detach().numpy(), data[f"{key}/weight/{j}"].astype(np.float64)
+                scale = max(float(np.abs(want).max()), 1e-2)
+                worst["weights"] = max(worst["weights"], float(np.abs(got - want).max()) / scale)
+            for field in ("d", "d_max", "d_numerator"):
+                want, got = float(group[field]), float(data[f"{key}/{field}"])
+                worst[field] = max(worst[field], abs(got - want) / max(abs(want), 1e-30))
+            if int(data[f"{key}/k"]) != group["k"]:
+                problems.append(f"call {call}: k {int(data[f'{key}/k'])} != prodigyopt's {group['k']}")
+        d0 = settings.get("d0", 1e-6)
+        moved = float(group["d"]) > 30 * d0  # otherwise the comparison proves little
+        ok = not problems and moved and max(worst.values()) <= PRODIGY_RTOL
+        detail = ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+        report(f"Prodigy ({name}) against prodigyopt {version}", ok,
+               f"max rel diff {detail}; d {d0:g} -> {float(group['d']):.3g} in {group['k']} steps"
+               + ("; " + problems[0] if problems else "") + ("" if moved else "; d did not move"))
+
+
 if __name__ == "__main__":
     stage, work_dir = sys.argv[1], sys.argv[2]
-    {"stage1": stage1, "stage2": stage2}[stage](work_dir)
+    {"stage1": stage1, "stage2": stage2, "prodigy": prodigy}[stage](work_dir)
     sys.exit(1 if failures else 0)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Check that mindscedit's weight files load in the PyTorch tools (diffusers, peft, ms-swift) and give
-# the same UNet outputs there as in MindSpore, and that ms-swift's SC-Tuner files load in mindscedit.
+# the same UNet outputs there as in MindSpore, and that ms-swift's SC-Tuner files load in mindscedit;
+# and that GatedProdigy's steps match prodigyopt's on the same gradients.
 #
 #   MS_VENV     venv with mindscedit (default /work/venv)
 #   TORCH_VENV  venv with torch, diffusers, peft, ms-swift (default /work/venv-torch), e.g.
-#               pip install torch diffusers transformers peft accelerate safetensors   (CPU torch is enough)
+#               pip install torch diffusers transformers peft accelerate safetensors prodigyopt   (CPU torch is enough)
 #               pip install --no-deps ms-swift modelscope modelscope-hub   (ms-swift pins an older peft)
 #               pip install datasets json-repair einops cryptography       (what swift.tuners imports)
 #   WORK        folder for the model, weights and outputs (default: a new temporary folder, kept)
@@ -39,6 +40,7 @@ step "convert SC-Tuner to an ms-swift tree" ms convert --from swift --to swift "
 step "convert SC-Tuner to scepter" ms convert --from swift --to scepter "$WORK/sc_adapter" "$WORK/sc_scepter.safetensors"
 step "convert scepter SC-Tuner back to an ms-swift tree" \
     ms convert --from scepter --to swift "$WORK/sc_scepter.safetensors" "$WORK/sc_from_scepter"
+step "MindSpore Prodigy run" "$MS_VENV/bin/python" scripts/interop_mindspore.py prodigy "$WORK"
 
 # PyTorch side: load everything, compare, then write SC-Tuners with ms-swift itself.
 status=0
@@ -57,5 +59,6 @@ if [ -f "$WORK/torch_swift/default/adapter_model.safetensors" ]; then
     step "MindSpore loads ms-swift's SC-Tuners" "$MS_VENV/bin/python" scripts/interop_mindspore.py import "$WORK"
     run_torch stage2 "$WORK"
 fi
+run_torch prodigy "$WORK"
 [ $status -eq 0 ] && echo "all interop checks passed" || echo "some interop checks FAILED"
 exit $status

@@ -8,7 +8,12 @@ export WORK: fixed random inputs, random non-zero LoRA / DoRA / SC-Tuner weights
       ms_outputs.npz                  base, lora, dora, sc
 import WORK: loads the SC-Tuners the PyTorch side wrote in ms-swift's layout (WORK/torch_swift)
     and writes the MindSpore UNet's output to WORK/ms_reverse.npz.
+prodigy WORK: runs GatedProdigy on random tensors under several settings (an lr schedule starting
+    at 0, a zero-gradient step, a gated-off NaN step, a resume into a fresh optimizer) and writes
+    every call's gradients and the resulting weights, d, d_max, numerator and k to WORK/prodigy.npz.
 """
+import json
+import math
 import os
 import sys
 
@@ -21,6 +26,7 @@ from mindspore import nn  # noqa: E402
 
 from mindscedit.models.loading import load_unet  # noqa: E402
 from mindscedit.sampling.adapters import apply_sc_tuners  # noqa: E402
+from mindscedit.training.prodigy import GatedProdigy  # noqa: E402
 from mindscedit.tuners.lora import (  # noqa: E402
     ATTENTION_TARGETS, FEED_FORWARD_TARGETS, LoRAConfig, inject_lora, lora_layers, save_lora, set_adapters,
 )
@@ -99,8 +105,68 @@ def reverse(work: str, model: str) -> None:
     np.savez(os.path.join(work, "ms_reverse.npz"), sc=run(unet, inputs))
 
 
+# prodigyopt's keyword arguments; GatedProdigy takes the same ones. Each lets d move far from d0.
+PRODIGY_SETTINGS = {
+    "decoupled weight decay 0.01": dict(weight_decay=0.01),
+    "coupled weight decay, bias correction, growth_rate 1.3": dict(weight_decay=0.05, decouple=False,
+                                                                   use_bias_correction=True, growth_rate=1.3),
+    "safeguard warmup, d_coef 2, beta3 0.95": dict(weight_decay=0.1, safeguard_warmup=True, d_coef=2.0, beta3=0.95),
+    "betas (0, 0.99), bias correction": dict(betas=(0.0, 0.99), weight_decay=0.1, use_bias_correction=True),
+}
+PRODIGY_CALLS, ZERO_CALL, SKIPPED_CALL, RESUME_CALL = 30, 1, 7, 15
+
+
+def prodigy(work: str, model: str) -> None:
+    """Records GatedProdigy's trajectory for the PyTorch side to replay through prodigyopt."""
+    lrs = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * i / PRODIGY_CALLS)) for i in range(PRODIGY_CALLS)]
+    out = {"settings": np.array(json.dumps(PRODIGY_SETTINGS))}
+    for n, settings in enumerate(PRODIGY_SETTINGS.values()):
+        rng = np.random.default_rng(n)
+        weights = [rng.standard_normal((3, 4)), np.zeros(6), rng.standard_normal((2, 3, 2))]  # LoRA's B starts at 0
+        weights = [w.astype(np.float32) for w in weights]
+        targets = [rng.standard_normal(w.shape).astype(np.float32) for w in weights]
+        params = [ms.Parameter(ms.Tensor(w), name=f"w{i}") for i, w in enumerate(weights)]
+        optimizer = GatedProdigy(params, lrs[0], **settings)
+        for i, w in enumerate(weights):
+            out[f"{n}/start/{i}"] = w
+        applied = 0
+        for call in range(PRODIGY_CALLS):
+            if call == RESUME_CALL:  # a fresh optimizer on the state a checkpoint holds goes on in its place
+                slots = {k: [p.asnumpy().copy() for p in ps] for k, ps in optimizer.state_slots().items()}
+                scalars = {k: p.asnumpy().copy() for k, p in optimizer.scalar_state().items()}
+                params = [ms.Parameter(ms.Tensor(p.asnumpy().copy()), name=f"w{i}") for i, p in enumerate(params)]
+                optimizer = GatedProdigy(params, lrs[0], **settings)
+                for k, ps in optimizer.state_slots().items():
+                    for p, value in zip(ps, slots[k]):
+                        p.set_data(ms.Tensor(value))
+                for k, p in optimizer.scalar_state().items():
+                    p.set_data(ms.Tensor(scalars[k]))
+            current = [p.asnumpy().copy() for p in params]
+            grads = [(w - t + 0.1 * rng.standard_normal(w.shape)).astype(np.float32) for w, t in zip(current, targets)]
+            if call == ZERO_CALL:
+                grads = [np.zeros_like(g) for g in grads]
+            apply = call != SKIPPED_CALL
+            if not apply:
+                grads[0][1, 2] = np.nan
+            grads[-1] = grads[-1].astype(np.float16)  # as with mixed precision
+            factor = 0.5 if call % 3 == 0 else 1.0  # loss-scale unscaling and clipping
+            optimizer.learning_rate.set_data(ms.Tensor(lrs[applied], ms.float32))
+            optimizer(tuple(ms.Tensor(g) for g in grads), ms.Tensor(apply), ms.Tensor(factor, ms.float32))
+            key = f"{n}/{call}"
+            out[f"{key}/apply"], out[f"{key}/lr"] = np.array(apply), np.array(lrs[applied])
+            for i, (g, p) in enumerate(zip(grads, params)):
+                out[f"{key}/grad/{i}"] = g.astype(np.float64) * factor
+                out[f"{key}/weight/{i}"] = p.asnumpy().copy()  # asnumpy() may share the tensor's memory
+            for name, value in (("d", optimizer.d), ("d_max", optimizer.d_max), ("d_numerator", optimizer.d_numerator),
+                                ("k", optimizer.k)):
+                out[f"{key}/{name}"] = value.asnumpy().copy()
+            applied += apply
+    out["calls"] = np.array(PRODIGY_CALLS)
+    np.savez(os.path.join(work, "prodigy.npz"), **out)
+
+
 if __name__ == "__main__":
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     command, work = sys.argv[1], sys.argv[2]
     model = os.path.join(work, "tiny-sd")
-    {"export": export, "import": reverse}[command](work, model)
+    {"export": export, "import": reverse, "prodigy": prodigy}[command](work, model)

@@ -26,11 +26,11 @@ class ReferenceProdigy:
     storage alone resolves to ~10%. Stored alike, both sides see the same differences (exact, by
     Sterbenz's lemma) and everything else is computed in float64 here."""
 
-    def __init__(self, weights, lrs, beta1=0.9, beta2=0.999, beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
+    def __init__(self, weights, lrs, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
                  use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf):
         self.p = [np.array(w, np.float64) for w in weights]
-        self.lrs, self.beta1, self.beta2 = lrs, beta1, beta2
-        self.beta3 = math.sqrt(beta2) if beta3 is None else beta3
+        self.lrs, (self.beta1, self.beta2) = lrs, betas
+        self.beta3 = math.sqrt(self.beta2) if beta3 is None else beta3
         self.eps, self.decay, self.decouple = eps, weight_decay, decouple
         self.bias_correction, self.safeguard, self.d0 = use_bias_correction, safeguard_warmup, d0
         self.d_coef, self.growth_rate = d_coef, growth_rate
@@ -71,7 +71,10 @@ class ReferenceProdigy:
         for i in range(len(self.p)):
             if self.decouple:
                 self.p[i] = self.p[i] - self.decay * dlr * self.p[i]
-            self.p[i] = self.p[i] - dlr * self.m[i] / (np.sqrt(self.v[i]) + self.d * self.eps)
+            if b1 > 0:
+                self.p[i] = self.p[i] - dlr * self.m[i] / (np.sqrt(self.v[i]) + self.d * self.eps)
+            else:  # prodigyopt keeps no m: the gradient, times the new d (m holds the old one)
+                self.p[i] = self.p[i] - dlr * self.d * grads[i] / (np.sqrt(self.v[i]) + self.d * self.eps)
             self.p[i] = self.p[i].astype(np.float32).astype(np.float64)
         self.k += 1
 
@@ -81,6 +84,7 @@ SETTINGS = {  # each lets d grow at least thirtyfold within the run
     "coupled, bias correction, growth 1.3": dict(weight_decay=0.05, decouple=False, use_bias_correction=True,
                                                  growth_rate=1.3),
     "safeguard warmup, d_coef 2, beta3 0.95": dict(weight_decay=0.1, safeguard_warmup=True, d_coef=2.0, beta3=0.95),
+    "beta1 0, beta2 0.99, bias correction": dict(betas=(0.0, 0.99), weight_decay=0.1, use_bias_correction=True),
 }
 # A warm-up from 0 (prodigyopt leaves that step alone), then a cosine decay: the schedule reaches
 # the update through dlr = d * lr.

@@ -13,7 +13,9 @@ bc = sqrt(1 - beta2^(k+1)) / (1 - beta1^(k+1)) with bias correction (else 1) and
    Otherwise r = beta3 r + (d / d0) dlr sum <g, p0 - p>; d_hat = d_coef r / sum |s|_1; d jumps to
    max(d, d_hat) only while it is still d0; d_max = max(d_max, d_hat); d = min(d_max, d growth_rate).
 3. every weight, with dlr from before d changed and d after: p -= wd dlr p (decoupled decay only);
-   p -= dlr m / (sqrt(v) + d eps); k += 1.
+   p -= dlr m / (sqrt(v) + d eps); k += 1. With beta1 = 0 prodigyopt keeps no m and steps by
+   dlr d g / (sqrt(v) + d eps) with the new d; m is then d_old g, so the step here is scaled by
+   d_new / d_old to match (it differs from m's formula once d moves).
 
 p0 is each weight's value when the optimizer first runs (prodigyopt's state initialisation); it is
 taken from the weight at the first applied step while k is 0, which is that value even if weights
@@ -63,11 +65,11 @@ def _accumulate_one(coupled, apply, take_p0, grad_factor, decay, beta1, m_coef, 
 
 
 @_step.register("Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
-def _step_one(decoupled, step_lr, decay_lr, d_eps, param, exp_avg, exp_avg_sq):
-    """Step 3 for one weight; step_lr and decay_lr are 0 when the step made no progress. The decay
+def _step_one(decoupled, m_lr, decay_lr, d_eps, param, exp_avg, exp_avg_sq):
+    """Step 3 for one weight; m_lr and decay_lr are 0 when the step made no progress. The decay
     joins the step before it meets the weight: early on it is below the weight's last bit, and
     subtracted on its own it would round away."""
-    delta = step_lr * exp_avg / (ops.sqrt(exp_avg_sq) + d_eps)
+    delta = m_lr * exp_avg / (ops.sqrt(exp_avg_sq) + d_eps)
     if decoupled:
         delta = delta + decay_lr * param
     return ops.assign(param, param - delta)
@@ -101,6 +103,7 @@ class GatedProdigy(nn.Optimizer):
         self.eps, self.decay = _scalar(eps), _scalar(weight_decay)
         self.d0, self.d_coef, self.growth_rate = _scalar(d0), _scalar(d_coef), _scalar(growth_rate)
         self.decouple, self.use_bias_correction = bool(decouple), bool(use_bias_correction)
+        self.beta1_is_zero = bool(betas[0] == 0)  # prodigyopt's other update (see step 3 above)
         self.safeguard_warmup = bool(safeguard_warmup)
         self.p0 = self._parameters.clone(prefix="prodigy_p0", init="same")
         self.exp_avg = self._parameters.clone(prefix="prodigy_m", init="zeros")
@@ -136,14 +139,15 @@ class GatedProdigy(nn.Optimizer):
         new_d = ops.select(d == self.d0, ops.maximum(d, d_hat), d)
         d_max = ops.maximum(self.d_max, d_hat)
         new_d = ops.minimum(d_max, new_d * self.growth_rate)
-        step_lr = ops.select(progress, dlr, zero)
+        step_lr, d_after = ops.select(progress, dlr, zero), ops.select(progress, new_d, d)
+        m_lr = step_lr * (d_after / d) if self.beta1_is_zero else step_lr
         updated = self.hyper_map(
-            F.partial(_step, self.decouple, step_lr, self.decay * step_lr, ops.select(progress, new_d, d) * self.eps),
+            F.partial(_step, self.decouple, m_lr, self.decay * step_lr, d_after * self.eps),
             self._parameters, self.exp_avg, self.exp_avg_sq,
         )
         updated = F.depend(updated, ops.assign(self.d_numerator, ops.select(progress, d_numerator, self.d_numerator)))
         updated = F.depend(updated, ops.assign(self.d_max, ops.select(progress, d_max, self.d_max)))
-        updated = F.depend(updated, ops.assign(self.d, ops.select(progress, new_d, d)))
+        updated = F.depend(updated, ops.assign(self.d, d_after))
         updated = F.depend(updated, ops.assign_add(self.k, progress.astype(ms.int32)))
         return F.depend(updated, ops.assign_add(self.global_step, apply.astype(self.global_step.dtype)))
 
