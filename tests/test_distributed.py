@@ -91,6 +91,10 @@ def test_only_rank0_writes_and_img_per_s_counts_all_cards(two_workers):
     )
     logs = [json.loads(line) for line in open(out / "logs.jsonl")]
     assert [r["step"] for r in logs] == [1, 2, 3]  # a second writer would append its own lines
+    # The run's length in epochs counts each card's batches (16 samples // (2 x 2 cards)), said once.
+    plan = "16 samples: 4 batches of 2 per card per epoch x 2 cards, 4 optimizer steps per epoch"
+    said = [(two_workers.logs / f"worker_{k}.log").read_text() for k in (0, 1)]
+    assert [plan in log for log in said] == [True, False] and "max_train_steps 3 (0.75 epochs)" in said[0]
     for record in logs:
         assert record["img_per_s"] * record["s_per_step"] == pytest.approx(4.0)  # 2 per card x 2 cards
     saved = load_file(str(out / "adapter_model.safetensors"))

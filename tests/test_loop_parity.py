@@ -1,16 +1,21 @@
 """diffusers' loop options: steps from epochs, a sample subset, a scaled learning rate; TensorBoard
-events and loss.png. The arithmetic and the writers are tested alone; one tiny run checks them together."""
+events and loss.png. The arithmetic and the writers are tested alone; two cards on a stand-in step, and
+one tiny run resumed from its checkpoint, check them in the trainer."""
+import dataclasses
 import json
 import logging
 import os
 from types import SimpleNamespace
 
+import mindspore as ms
 import numpy as np
 import pytest
 
 from mindscedit.cli import main
 from mindscedit.data.dataset import ResumableShardedSampler
 from mindscedit.errors import UserError
+from mindscedit.runtime import Runtime
+from mindscedit.sampling.images import save_images
 from mindscedit.training import reporting
 from mindscedit.training.config import DEFAULT_MAX_TRAIN_STEPS, load_config
 from mindscedit.training.plan import (
@@ -21,11 +26,17 @@ from mindscedit.training.plan import (
     select_samples,
     update_steps_per_epoch,
 )
+from mindscedit.training.trainer import Trainer
 
-tensorboard = pytest.importorskip("tensorboard")  # the reader only; the writer is tensorboardX
+
+def needs(*modules):
+    """Skip where an optional dependency is missing (`pip install -e .[test]` has them all)."""
+    for name in modules:
+        pytest.importorskip(name)
 
 
 def read_events(folder):
+    needs("tensorboard")  # the reader only; the writer is tensorboardX
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
@@ -118,6 +129,7 @@ def row(step, loss):
 
 
 def test_tensorboard_events_read_back_and_a_resume_does_not_repeat_steps(tmp_path):
+    needs("tensorboardX")
     first = reporting.TensorBoardReporter(str(tmp_path), global_step=0)
     for step in range(1, 5):
         first.scalars(row(step, 1.0))
@@ -138,6 +150,8 @@ def test_tensorboard_events_read_back_and_a_resume_does_not_repeat_steps(tmp_pat
 def test_validation_images_go_to_tensorboard(tmp_path):
     from PIL import Image
 
+    needs("tensorboardX")
+
     folder = tmp_path / "validation" / "step_2"
     folder.mkdir(parents=True)
     Image.new("RGB", (8, 6), (255, 0, 0)).save(folder / "000-a-cat-seed0.png")
@@ -152,8 +166,6 @@ def test_validation_images_go_to_tensorboard(tmp_path):
 
 
 def test_report_to_tensorboard_without_tensorboardx_fails_before_loading(tmp_path, monkeypatch):
-    from mindscedit.training.trainer import Trainer
-
     real = reporting.has_module
     monkeypatch.setattr(reporting, "has_module", lambda name: name != "tensorboardX" and real(name))
     config = load_config(None, dict(pretrained_model_name_or_path=str(tmp_path / "none"), train_data_dir="d",
@@ -169,15 +181,32 @@ def write_log(folder, rows, method="lora", model="/models/sd-v1-5"):
     (folder / "train_config.json").write_text(json.dumps({"method": method, "pretrained_model_name_or_path": model}))
 
 
+def logged_rows():
+    """200 steps of a falling loss, step 51 skipped (NaN), a validation loss every 50 steps."""
+    rng = np.random.default_rng(0)
+    rows = [row(s, float(0.3 / s ** 0.3 + 0.05 * rng.random())) for s in range(1, 201)]
+    rows[50]["loss"] = float("nan")
+    for r in rows[::50]:
+        r["validation_loss"] = r["loss"] + 0.01 if np.isfinite(r["loss"]) else 0.2
+    return rows
+
+
+def test_loss_png_curves_come_from_the_log_rows():
+    rows = logged_rows()
+    curves = reporting.log_curves(rows[::-1])  # in step order whatever the file's order
+    assert list(curves["loss"][0]) == list(range(1, 201)) and np.isnan(curves["loss"][1][50])
+    assert np.isfinite(curves["loss (smoothed)"][1]).all()  # the skipped step is passed over
+    assert list(curves["validation loss"][0]) == [1, 51, 101, 151] and curves["validation loss"][1][1] == 0.2
+    assert list(curves["learning rate"][1]) == [1e-4] * 200
+    no_validation = reporting.log_curves([row(1, 0.5), row(2, 0.4)])["validation loss"]
+    assert [len(a) for a in no_validation] == [0, 0]
+
+
 def test_plot_logs_writes_the_curve(tmp_path, capsys):
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    rows = [row(s, float(0.3 / s ** 0.3 + 0.05 * rng.random())) for s in range(1, 201)]
-    rows[50]["loss"] = float("nan")  # a skipped step
-    for r in rows[::50]:
-        r["validation_loss"] = r["loss"] + 0.01 if np.isfinite(r["loss"]) else 0.2
-    write_log(tmp_path / "run", rows)
+    needs("matplotlib")
+    write_log(tmp_path / "run", logged_rows())
     assert main(["plot-logs", str(tmp_path / "run")]) == 0
     assert "loss curve written to" in capsys.readouterr().out
     with Image.open(tmp_path / "run" / "loss.png") as image:
@@ -208,15 +237,85 @@ def test_plot_logs_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "loss.png").exists()
 
 
-# ----------------------------------------------------------------------------- one tiny run
+# ----------------------------------------------------------------------------- two cards, no launcher
+class RecordingStep:
+    """Stands in for the jitted step: keeps the images it is fed, returns a finite loss."""
+
+    def __init__(self):
+        self.images = []
+        self.grad_scaler = SimpleNamespace(all_finite=ms.Tensor(True))
+
+    def __call__(self, pixel_values, *inputs):
+        self.images.extend(image.tobytes() for image in pixel_values.asnumpy())
+        return None, ms.Tensor(0.5, ms.float32)
+
+
+def test_two_cards_share_one_subset_and_split_its_epochs(tiny_model_dir, photos_dir, tmp_path):
+    """Rank 0 and rank 1 of 2 cards, built side by side as msrun starts them, each on a stand-in step."""
+    config = load_config(None, dict(
+        pretrained_model_name_or_path=tiny_model_dir, train_data_dir=photos_dir, resolution=32, center_crop=True,
+        train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2, max_train_samples=8, scale_lr=True,
+        learning_rate=1e-4, device_target="CPU", method="scedit",
+    ))
+    ranks = []
+    for rank in (0, 1):
+        trainer = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / f"rank{rank}")),
+                          runtime=Runtime("CPU", rank=rank, world_size=2)).build()
+        trainer.train_step = RecordingStep()
+        trainer.save_checkpoint = lambda *args: None  # the stand-in has no optimizer state to save
+        trainer.save_final_weights = lambda: None
+        ranks.append((trainer, trainer.train()))
+    # 8 samples // (2 per card x 2 cards) = 2 batches per card per epoch, ceil(2 / 2 accumulated) = 1 step per
+    # epoch: 2 epochs are 2 steps of 2 micro-steps on each card.
+    assert [(t.max_train_steps, result.global_step) for t, result in ranks] == [(2, 2), (2, 2)]
+    assert [t.lrs[0] for t, _ in ranks] == pytest.approx([8e-4, 8e-4])  # 1e-4 x batch 2 x accumulation 2 x 2 cards
+    subsets = [[r.origin for r in t.records] for t, _ in ranks]
+    assert subsets[0] == subsets[1] and len(subsets[0]) == 8  # chosen before the split: the same 8 on both cards
+    fed = [image for t, _ in ranks for image in t.train_step.images]
+    assert len(fed) == 16 and sorted(fed.count(image) for image in set(fed)) == [2] * 8  # each of the 8, per epoch
+
+
+# ----------------------------------------------------------------------------- one tiny run, resumed
+class CapturingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def stand_in_validator(output_dir):
+    """Writes what a Validator writes at a step (an image and the grid of one prompt), without sampling."""
+    from PIL import Image
+
+    def validate(global_step):
+        image = Image.new("RGB", (8, 8), (0, 128, 255))
+        image.info.update(prompt="a cat", seed="0")
+        folder = os.path.join(output_dir, "validation", f"step_{global_step}")
+        save_images([image], folder)
+        return folder
+
+    return validate
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, photos_dir, tmp_path_factory):
-    from mindscedit.training.trainer import Trainer
+    """6 steps from 2 epochs of a 6-sample subset; then steps 5 and 6 again from checkpoint-4, as after a
+    crash, with a stand-in validator at step 6.
 
+    No gradient accumulation here: a Trainer that has run mindone's accumulating step does not take a
+    checkpoint's optimizer step count into that compiled step again (a new process, as every CLI run
+    is, does; test_training resumes that way)."""
+    needs("tensorboardX", "tensorboard", "matplotlib")
     out = tmp_path_factory.mktemp("parity") / "run"
     config = load_config(None, dict(
         pretrained_model_name_or_path=tiny_model_dir, train_data_dir=photos_dir, output_dir=str(out),
-        resolution=32, center_crop=True, train_batch_size=2, gradient_accumulation_steps=2, checkpointing_steps=1000,
+        resolution=32, center_crop=True, train_batch_size=2, checkpointing_steps=4,
         device_target="CPU", method="scedit", learning_rate=1e-3,
         num_train_epochs=2, max_train_samples=6, scale_lr=True, report_to="tensorboard",
     ))
@@ -227,40 +326,54 @@ def tiny_run(tiny_model_dir, photos_dir, tmp_path_factory):
     try:
         trainer = Trainer(config)
         result = trainer.train()
+        first = SimpleNamespace(result=result, logs=read_jsonl(out / "logs.jsonl"), events=read_events(out / "logs"),
+                                plotted=(out / "loss.png").is_file(), log="\n".join(handler.lines))
+        handler.lines = []
+        trainer.config = dataclasses.replace(config, resume_from_checkpoint=str(out / "checkpoint-4"),
+                                             validation_steps=3)
+        trainer.validator = stand_in_validator(str(out))
+        resumed = trainer.train()
     finally:
         logger.removeHandler(handler)
-    return SimpleNamespace(out=out, trainer=trainer, result=result, log="\n".join(handler.lines), config=config)
-
-
-class CapturingHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+    return SimpleNamespace(out=out, trainer=trainer, config=config, first=first, resumed=resumed,
+                           log="\n".join(handler.lines))
 
 
 @pytest.mark.slow
 def test_a_run_from_epochs_on_a_subset_with_a_scaled_rate(tiny_run, photos_dir):
     from mindscedit.data import load_records
 
-    # 6 samples chosen with the seed: 3 batches of 2 per epoch, ceil(3 / 2) = 2 optimizer steps, x 2 epochs.
+    first = tiny_run.first
+    # 6 samples chosen with the seed: 3 batches of 2 per epoch, 3 optimizer steps, x 2 epochs.
     assert [r.origin for r in tiny_run.trainer.records] == [
         r.origin for r in select_samples(load_records(photos_dir), 6, tiny_run.config.seed)]
-    assert "max_train_samples 6: training on 6 samples" in tiny_run.log
-    assert "num_train_epochs 2 x 2 steps per epoch: max_train_steps 4" in tiny_run.log
-    assert "scale_lr: learning rate 0.001 x batch 2 x accumulation 2 x cards 1 = 0.004" in tiny_run.log
-    assert tiny_run.result.global_step == 4
-    logs = [json.loads(line) for line in open(tiny_run.out / "logs.jsonl")]
-    assert [r["step"] for r in logs] == [1, 2, 3, 4]
-    assert all(r["lr"] == pytest.approx(4e-3) and r["loss_scale"] == 1.0 for r in logs)
+    assert "max_train_samples 6: training on 6 samples" in first.log
+    assert "num_train_epochs 2 x 3 steps per epoch: max_train_steps 6 (2.00 epochs)" in first.log
+    assert "scale_lr: learning rate 0.001 x batch 2 x accumulation 1 x cards 1 = 0.002" in first.log
+    assert first.result.global_step == 6
+    assert [r["step"] for r in first.logs] == [1, 2, 3, 4, 5, 6]
+    assert all(r["lr"] == pytest.approx(2e-3) and r["loss_scale"] == 1.0 for r in first.logs)
 
-    events = read_events(tiny_run.out / "logs")
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logs])
-    assert events.Scalars("train/lr")[-1].value == pytest.approx(4e-3)
+    events = first.events
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in first.logs])
+    assert events.Scalars("train/lr")[-1].value == pytest.approx(2e-3)
     assert "train/loss_scale" in events.Tags()["scalars"] and "train/img_per_s" in events.Tags()["scalars"]
 
-    assert (tiny_run.out / "loss.png").is_file()
-    assert f"loss curve in {tiny_run.out / 'loss.png'}" in tiny_run.log
+    assert first.plotted and f"loss curve in {tiny_run.out / 'loss.png'}" in first.log
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_once_and_sends_validation_images(tiny_run):
+    assert f"resumed from {tiny_run.out / 'checkpoint-4'} at step 4" in tiny_run.log
+    assert tiny_run.resumed.global_step == 6
+    logs = read_jsonl(tiny_run.out / "logs.jsonl")
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6] and logs[:4] == tiny_run.first.logs[:4]
+
+    events = read_events(tiny_run.out / "logs")
+    assert len(list((tiny_run.out / "logs").glob("events.out.tfevents.*"))) == 2  # the resume added a file
+    for tag in ("train/loss", "train/lr", "train/s_per_step"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag  # 5 and 6 once, not twice
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logs])
+    assert events.Tags()["images"] == ["validation/000-a-cat-seed0"]  # the grid is left out
+    assert [image.step for image in events.Images("validation/000-a-cat-seed0")] == [6]

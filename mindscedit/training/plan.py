@@ -73,6 +73,20 @@ class RunPlan:
     messages: List[str]
 
 
+def _length_message(config, steps: int, per_epoch: int) -> str:
+    """How the run's max_train_steps came about, in epochs too."""
+    given, epochs = config.max_train_steps is not None, config.num_train_epochs
+    if given and epochs is not None:
+        message = f"max_train_steps {steps} given: it wins over num_train_epochs {epochs}"
+    elif epochs is not None:
+        message = f"num_train_epochs {epochs} x {per_epoch} steps per epoch: max_train_steps {steps}"
+    elif not given:
+        message = f"max_train_steps {steps} (the default; neither it nor num_train_epochs given)"
+    else:
+        message = f"max_train_steps {steps}"
+    return f"{message} ({steps / per_epoch:.2f} epochs)"
+
+
 def plan_run(config, num_samples: int, world_size: int = 1) -> RunPlan:
     """Resolve max_train_steps and the learning rate of `config` (a TrainConfig) for this data and world size."""
     c = config
@@ -85,18 +99,9 @@ def plan_run(config, num_samples: int, world_size: int = 1) -> RunPlan:
     cards = f" x {world_size} cards" if world_size > 1 else ""
     messages = [
         f"{num_samples} samples: {batches} batches of {c.train_batch_size} per card per epoch{cards}, "
-        f"{per_epoch} optimizer steps per epoch (gradient_accumulation_steps {c.gradient_accumulation_steps})"
+        f"{per_epoch} optimizer steps per epoch (gradient_accumulation_steps {c.gradient_accumulation_steps})",
+        _length_message(c, steps, per_epoch),
     ]
-    if c.max_train_steps is not None and c.num_train_epochs is not None:
-        messages.append(f"max_train_steps {steps} given: it wins over num_train_epochs {c.num_train_epochs}")
-    elif c.num_train_epochs is not None:
-        messages.append(f"num_train_epochs {c.num_train_epochs} x {per_epoch} steps per epoch: "
-                        f"max_train_steps {steps}")
-    elif c.max_train_steps is None:
-        messages.append(f"max_train_steps {steps} (the default; neither it nor num_train_epochs given)")
-    else:
-        messages.append(f"max_train_steps {steps}")
-    messages[-1] += f" ({steps / per_epoch:.2f} epochs)"
     learning_rate = c.learning_rate
     if c.scale_lr:
         learning_rate = scaled_learning_rate(c.learning_rate, c.train_batch_size, c.gradient_accumulation_steps,

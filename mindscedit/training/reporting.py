@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -87,9 +87,6 @@ class TensorBoardReporter:
                 pixels = np.asarray(image.convert("RGB"))
             self.writer.add_image(f"validation/{name}", pixels, step, dataformats="HWC")
 
-    def flush(self) -> None:
-        self.writer.flush()
-
     def close(self) -> None:
         self.writer.close()
 
@@ -144,6 +141,51 @@ def _run_title(output_dir: str) -> str:
     return title
 
 
+def _series(rows: List[dict], keys) -> Tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows holding one of `keys` (the first present), as float arrays."""
+    points = [(r["step"], next(r[k] for k in keys if r.get(k) is not None)) for r in rows
+              if any(r.get(k) is not None for k in keys)]
+    steps, values = zip(*points) if points else ((), ())
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def log_curves(rows: List[dict]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The curves of loss.png by name, each (steps, values), from logs.jsonl rows in step order."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    steps = np.asarray([r["step"] for r in rows], dtype=float)
+    loss = np.asarray([np.nan if r.get("loss") is None else r["loss"] for r in rows], dtype=float)
+    return {
+        "loss": (steps, loss),
+        "loss (smoothed)": (steps, smooth(loss, smoothing_weight(len(loss)))),
+        "validation loss": _series(rows, VALIDATION_LOSS_KEYS),
+        "learning rate": _series(rows, ("lr",)),
+    }
+
+
+def _draw(curves, title: str, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+    FigureCanvasAgg(figure)
+    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    loss_axes.plot(*curves["loss"], color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    loss_axes.plot(*curves["loss (smoothed)"], color="tab:blue", linewidth=1.6, label="loss (smoothed)")
+    if len(curves["validation loss"][0]):
+        loss_axes.plot(*curves["validation loss"], "o-", color="tab:orange", markersize=3, label="validation loss")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend(loc="upper right", fontsize="small")
+    lr_axes.plot(*curves["learning rate"], color="tab:green", linewidth=1.2)
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for axes in (loss_axes, lr_axes):
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=PLOT_DPI)
+
+
 def plot_logs(output_dir: str, output: Optional[str] = None) -> str:
     """Write `output` (default output_dir/loss.png): loss raw and smoothed, validation loss where the log
     has it, and the learning rate, against the step. Returns the path written."""
@@ -155,39 +197,8 @@ def plot_logs(output_dir: str, output: Optional[str] = None) -> str:
         raise UserError(f"{log_path} has no rows to plot yet")
     if not has_module("matplotlib"):
         raise UserError(NEEDS_MATPLOTLIB)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows.sort(key=lambda r: r["step"])
-    steps = np.array([r["step"] for r in rows])
-    loss = np.array([np.nan if r.get("loss") is None else r["loss"] for r in rows], dtype=float)
-    validation = [(r["step"], next(r[k] for k in VALIDATION_LOSS_KEYS if r.get(k) is not None)) for r in rows
-                  if any(r.get(k) is not None for k in VALIDATION_LOSS_KEYS)]
-    lr_rows = [(r["step"], r["lr"]) for r in rows if r.get("lr") is not None]
-
-    figure = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    FigureCanvasAgg(figure)
-    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    loss_axes.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-    loss_axes.plot(steps, smooth(loss, smoothing_weight(len(loss))), color="tab:blue", linewidth=1.6,
-                   label="loss (smoothed)")
-    if validation:
-        v_steps, v_loss = zip(*validation)
-        loss_axes.plot(v_steps, v_loss, "o-", color="tab:orange", markersize=3, label="validation loss")
-    loss_axes.set_ylabel("loss")
-    loss_axes.grid(alpha=0.3)
-    loss_axes.legend(loc="upper right", fontsize="small")
-    if lr_rows:
-        lr_steps, lrs = zip(*lr_rows)
-        lr_axes.plot(lr_steps, lrs, color="tab:green", linewidth=1.2)
-    lr_axes.set_ylabel("learning rate")
-    lr_axes.set_xlabel("step")
-    lr_axes.grid(alpha=0.3)
-    lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    figure.suptitle(_run_title(output_dir))
-    figure.tight_layout()
     path = output or os.path.join(output_dir, PLOT_FILE)
-    figure.savefig(path, dpi=PLOT_DPI)
+    _draw(log_curves(rows), _run_title(output_dir), path)
     return path
 
 
