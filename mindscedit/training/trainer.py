@@ -54,23 +54,31 @@ class TrainResult:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to finish the current step, save, and exit cleanly."""
+    """SIGINT/SIGTERM ask the loop to finish the current step, save, and exit cleanly.
+
+    MindSpore's runtime puts a native SIGINT handler of its own in place whenever it compiles a
+    graph (Python still reports ours), and a Ctrl-C then reaches the process as a SIGTERM. So the
+    loop calls `reclaim()` after each step and each validation, and the first signal names the stop.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signal_name = None
 
     def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
+
+    def reclaim(self):
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
-        # The first signal names the stop: after a Ctrl-C (SIGINT to the whole process group) the
-        # data loader's workers die and MindSpore's dataset watchdog may send the main process a
-        # SIGTERM of its own.
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 
@@ -368,6 +376,7 @@ class Trainer:
                         result.compile_cache = compile_train_step(
                             self.train_step, inputs, c.compile_cache_dir, rt.rank, rt.world_size)
                     _, loss = self.train_step(*inputs)
+                    stop.reclaim()
                     micro_step += 1
                     result.skipped_samples += int(batch["num_skipped"].sum())
                     window_losses.append(loss)
@@ -425,6 +434,7 @@ class Trainer:
                         readings.restart_clock()  # saving time is not training step time
                     if validate_now:
                         folder = self.validator(global_step)
+                        stop.reclaim()
                         if reporter:
                             reporter.images(folder, global_step)
                         readings.restart_clock()  # nor is sampling time
