@@ -227,7 +227,7 @@ def test_branch_free_step_unscales_clips_and_skips_like_the_reference(mixed_prec
 
 
 @pytest.mark.slow
-def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_identically(
+def test_a_run_resumed_with_more_steps_loads_the_compiled_step_and_trains_identically(
         tiny_model_dir, photos_dir, tmp_path):
     import subprocess
     import sys
@@ -244,23 +244,25 @@ def test_a_second_run_of_the_same_setup_loads_the_compiled_step_and_trains_ident
         losses = [json.loads(line)["loss"] for line in open(out / "logs.jsonl")]
         return proc.stdout, losses, load_file(str(out / "adapter_model.safetensors"))
 
-    # The first launch compiles, saves and (on CPU) reloads its step; the second, a longer run,
-    # loads it (the learning rate is a step input, so the run's length is not in the graph); a
-    # launch without the cache keeps the step it compiled. All three train the same.
-    first_out, first_losses, first_weights = run("first")
-    second_out, second_losses, _ = run("second", "--max_train_steps", "5")
-    assert "saved to the compile cache" in first_out and "from the compile cache" in second_out
+    # The first launch compiles, saves and (on CPU) reloads its step; resumed with more steps it
+    # loads that step (the learning rate is a step input, so the run's length is not in the
+    # graph); a launch without the cache keeps the step it compiled. All train the same.
+    first_out, first_losses, _ = run("first")
+    resumed_out, resumed_losses, resumed_weights = run("first", "--max_train_steps", "5",
+                                                       "--resume_from_checkpoint", "latest")
+    assert "saved to the compile cache" in first_out and "from the compile cache" in resumed_out
     (entry,) = os.listdir(tmp_path / "cache")
     assert sorted(os.listdir(tmp_path / "cache" / entry / "rank_0" / "graph_cache")) == [
         "compile_cache_0.mindir", "compile_dependency.hash"]  # the reload's copy is gone
-    uncached_out, uncached_losses, uncached_weights = run("uncached", "--compile_cache_dir", "")
+    uncached_out, uncached_losses, uncached_weights = run("uncached", "--compile_cache_dir", "",
+                                                          "--max_train_steps", "5")
     assert "compile cache" not in uncached_out
-    assert len(first_losses) == 3 and len(second_losses) == 5
-    np.testing.assert_allclose(first_losses, uncached_losses, rtol=1e-5)
-    np.testing.assert_allclose(second_losses[:3], uncached_losses, rtol=1e-5)
-    assert first_weights.keys() == uncached_weights.keys()
+    assert len(first_losses) == 3 and len(resumed_losses) == len(uncached_losses) == 5
+    np.testing.assert_allclose(first_losses, uncached_losses[:3], rtol=1e-5)
+    np.testing.assert_allclose(resumed_losses, uncached_losses, rtol=1e-5)
+    assert resumed_weights.keys() == uncached_weights.keys()
     for name, value in uncached_weights.items():
-        np.testing.assert_allclose(first_weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(resumed_weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 class DeferredReadStep:
