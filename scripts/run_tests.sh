@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite on CPU (tiny models; about 15-20 minutes on 2 cores).
+# Run the test suite on CPU (tiny models); -m "not slow" for the quick subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
