@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -365,7 +366,10 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_0(tiny_model_dir, data_dir, tm
                 proc.kill()
     assert proc.returncode == 0, open(tmp_path / "stderr.txt").read()[-3000:]
     last_step = logged_steps(out)[-1]["step"]
-    assert "stopped early: received SIGINT; resume with the same command plus --resume_from_checkpoint latest" in stdout
+    # SIGINT, or SIGTERM when MindSpore's native handler caught the Ctrl-C first (seen under load,
+    # see StopRequest): either way the step finishes, a checkpoint is saved and the exit is 0.
+    assert re.search(r"stopped early: received SIG(INT|TERM); resume with the same command plus "
+                     r"--resume_from_checkpoint latest", stdout), stdout
     assert f"stopped: step {last_step}," in stdout and f"checkpoint in {out / f'checkpoint-{last_step}'}" in stdout
     assert "done:" not in stdout and "weights in" not in stdout  # no final weights were written
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [f"checkpoint-{last_step}"]
