@@ -57,8 +57,9 @@ class StopRequest:
     """SIGINT/SIGTERM ask the loop to finish the current step, save, and exit cleanly.
 
     MindSpore's runtime puts a native SIGINT handler of its own in place whenever it compiles a
-    graph (Python still reports ours), and a Ctrl-C then reaches the process as a SIGTERM. So the
-    loop calls `reclaim()` after each step and each validation, and the first signal names the stop.
+    graph (Python still reports ours), and a Ctrl-C it catches reaches the process as a SIGTERM.
+    The loop calls `reclaim()` after each step and each validation, which narrows that window but
+    does not close it under load; the first signal names the stop.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
