@@ -38,7 +38,7 @@ TEXT_LENGTH = 77  # CLIP's token count
 class BenchCase:
     method: str
     batch_size: int
-    model: str  # a preset name (sd15, sd21, mid, tiny) or a diffusers folder
+    model: str  # a preset name (sd15, sd21, sdxl, mid, tiny) or a diffusers folder
     resolution: int = 512
     steps: int = 5
     warmup: int = 1
@@ -56,26 +56,27 @@ class BenchCase:
 
 # ----------------------------------------------------------------------------- worker side
 def build_model(model: str):
-    """(UNet, alphas_cumprod, VAE downscale factor) of a preset with random weights, or of a folder."""
-    import numpy as np
-
+    """(UNet, noise scheduler, VAE downscale factor, model family) of a preset with random
+    weights, or of a folder."""
     from .models import build_unet, unet_preset
+    from .models.family import detect_family, family_of_unet
     from .models.loading import load_noise_scheduler, load_unet
     from .models.presets import SD_SCHEDULER, TINY_VAE
 
     if os.path.isdir(model):
+        family = detect_family(model)
         unet = load_unet(model)
-        alphas_cumprod = load_noise_scheduler(model).alphas_cumprod.asnumpy()
+        noise_scheduler = load_noise_scheduler(model, family)  # an EDM folder's own: its step trains EDM-style
         with open(os.path.join(model, "vae", "config.json")) as f:
             vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
-        return unet, alphas_cumprod, vae_factor
+        return unet, noise_scheduler, vae_factor, family
     from mindone.diffusers import DDPMScheduler
 
     unet = build_unet(unet_preset(model))
-    alphas_cumprod = np.asarray(DDPMScheduler(**SD_SCHEDULER).alphas_cumprod.asnumpy())
+    noise_scheduler = DDPMScheduler(**SD_SCHEDULER)  # SDXL's betas are SD's
     # The real configs sit behind SD's 8x VAE, the tiny one behind the tiny pipeline's VAE.
     vae_factor = 2 ** (len(TINY_VAE["block_out_channels"]) - 1) if model == "tiny" else 8
-    return unet, alphas_cumprod, vae_factor
+    return unet, noise_scheduler, vae_factor, family_of_unet(unet.config)
 
 
 def peak_memory_mib(device_target: str):
@@ -119,7 +120,7 @@ def run_case(case: BenchCase) -> dict:
     import numpy as np
     import mindspore as ms
 
-    from .losses import DiffusionLoss
+    from .losses import training_loss
     from .runtime import init_runtime
     from .training.builder import build_step
     from .training.compile_cache import compile_train_step
@@ -128,11 +129,13 @@ def run_case(case: BenchCase) -> dict:
 
     runtime = init_runtime(case.device_target)
     ms.set_seed(case.seed)  # the same random UNet in every run
-    unet, alphas_cumprod, vae_factor = build_model(case.model)
+    unet, noise_scheduler, vae_factor, family = build_model(case.model)
     total = sum(p.size for p in unet.get_parameters())
     config = bench_config(case)
     method = get_method(config)
-    built = build_step(config, method, unet, DiffusionLoss(alphas_cumprod, "epsilon"), config.learning_rate)
+    diffusion_loss = training_loss(noise_scheduler, "epsilon")
+    built = build_step(config, method, unet, diffusion_loss, config.learning_rate,
+                       family=family)
     learning_rate = ms.Tensor(config.learning_rate, ms.float32)
     train_step, num_trainable = built.train_step, sum(p.size for p in built.trainable)
 
@@ -144,22 +147,23 @@ def run_case(case: BenchCase) -> dict:
         ms.Tensor(rng.standard_normal((b, TEXT_LENGTH, unet.config.cross_attention_dim), dtype=np.float32)),
         ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # noise
     ]
-    extra = ()
-    if method.takes_condition:  # a condition image at full resolution
-        extra = (ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32)),)
+    # The family's added conditions (SDXL: pooled prompt, time ids), then a condition image at full resolution.
+    extra = tuple(ms.Tensor(v) for v in family.stand_in_added_values(unet.config, b, case.resolution, rng))
+    if method.takes_condition:
+        extra += (ms.Tensor(rng.uniform(0, 1, (b, 3, case.resolution, case.resolution)).astype(np.float32)),)
     row = dict(  # what every row says of its case, measured or not
         method=case.method, batch_size=b, model=case.model, resolution=case.resolution, latent_size=size,
         device=runtime.device_target, jit_level=case.jit_level, mixed_precision=case.mixed_precision,
         trainable_params=int(num_trainable), unet_params=int(total), trainable_pct=100.0 * num_trainable / total,
     )
     if case.compile_only:
-        timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
+        timesteps = ms.Tensor(rng.integers(0, diffusion_loss.num_train_timesteps, (b,), dtype=np.int32))
         start = time.perf_counter()
         compile_front_end(train_step, (*inputs, timesteps, *extra, learning_rate))
         return dict(row, compile_only=True, types="ok", front_end_s=round(time.perf_counter() - start, 3))
     times, cache, rss_phases = [], None, {}
     for _ in range(config.max_train_steps):
-        timesteps = ms.Tensor(rng.integers(0, len(alphas_cumprod), (b,), dtype=np.int32))
+        timesteps = ms.Tensor(rng.integers(0, diffusion_loss.num_train_timesteps, (b,), dtype=np.int32))
         start = time.perf_counter()
         step_inputs = (*inputs, timesteps, *extra, learning_rate)
         if cache is None:  # the first step's time includes this compile, as in training
@@ -330,7 +334,7 @@ def cases_from_args(args) -> List[BenchCase]:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--pretrained_model_name_or_path", help="a diffusers folder (its unet/ and scheduler/)")
-    model.add_argument("--model_config", help="a UNet config with random weights: sd15, sd21, mid or tiny")
+    model.add_argument("--model_config", help="a UNet config with random weights: sd15, sd21, sdxl, mid or tiny")
     parser.add_argument("--methods", default="vanilla,lora,scedit",
                         help="comma list of vanilla, lora, scedit, scedit_control, controlnet (the ControlNet baseline)")
     parser.add_argument("--batch_sizes", default="1")

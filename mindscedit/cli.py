@@ -1,4 +1,5 @@
-"""`mindscedit` command line: train, plot-logs, sample, annotate, make-tiny-model, check-data, bench, convert.
+"""`mindscedit` command line: train, plot-logs, sample, annotate, make-tiny-model, check-data, bench, convert,
+merge-lora.
 
 Exit codes: 0 done (train also after SIGINT/SIGTERM, which save a checkpoint first); 1 a run
 stopped by max_nonfinite_steps, check-data found problems, or a bench case crashed; 2 bad input
@@ -154,8 +155,42 @@ def cmd_convert(args):
     if args.resnets_per_block < 1:
         raise UserError(f"--resnets_per_block must be >= 1, got {args.resnets_per_block}")
     check_output_path(args.output, "output", folder=not args.output.endswith(".safetensors"))
-    written = convert(args.src_format, args.dst_format, args.input, args.output, args.resnets_per_block)
+    written = convert(args.src_format, args.dst_format, args.input, args.output, args.resnets_per_block,
+                      args.family)
     print(f"{args.src_format} -> {args.dst_format}: wrote {written}")
+
+
+# merge-lora's combinations (mindscedit.tuners.lora.merge.COMBINATIONS; listed here so that building
+# the parser does not import MindSpore)
+MERGE_COMBINATIONS = ("cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd", "ties_svd",
+                      "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+MERGE_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def cmd_merge_lora(args):
+    combination = args.combination
+    weights = args.weights if args.weights is not None else [1.0] * len(args.inputs)
+    if len(args.inputs) < 2:
+        raise UserError(f"merge-lora needs at least two LoRA files, got {len(args.inputs)}")
+    if len(weights) != len(args.inputs):
+        raise UserError(f"--weights has {len(weights)} values for {len(args.inputs)} LoRA files")
+    base = combination[: -len("_svd")] if combination.endswith("_svd") else combination
+    if base in MERGE_PRUNING and args.density is None:
+        raise UserError(f"--combination {combination} needs --density (the fraction of entries kept, in [0, 1])")
+    if base not in MERGE_PRUNING and args.density is not None:
+        raise UserError(f"--density does nothing with --combination {combination}")
+    if not combination.endswith("svd") and (args.rank is not None or args.svd_clamp is not None):
+        flag = "--rank" if args.rank is not None else "--svd_clamp"
+        raise UserError(f"{flag} is for the svd combinations, not --combination {combination}")
+    check_output_path(args.out, "--out", folder=not args.out.endswith(".safetensors"))
+    from .tuners.lora.io import merge_lora_files, read_lora_file
+
+    written = merge_lora_files(args.inputs, weights, args.out, combination, args.layout,
+                               density=1.0 if args.density is None else args.density,
+                               majority_sign_method=args.majority_sign_method, rank=args.rank,
+                               svd_clamp=args.svd_clamp, seed=args.seed)
+    ranks = sorted({m.rank for m in read_lora_file(written)[0].values()})
+    print(f"merged {len(args.inputs)} LoRAs ({combination}, rank {'/'.join(map(str, ranks))}): wrote {written}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,13 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--seed", type=int, default=0, help="inpainting mask")
     annotate.set_defaults(func=cmd_annotate, subparser=annotate)
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD or SDXL pipeline (diffusers format)",
-                          allow_abbrev=False)
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD, SDXL or Playground-style pipeline "
+                                                  "(diffusers format)", allow_abbrev=False)
     tiny.add_argument("output_dir")
     tiny.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--family", default="sd", choices=["sd", "sdxl"],
-                      help="sd: an SD1.x-like pipeline; sdxl: two text encoders and a text_time UNet")
+    tiny.add_argument("--family", default="sd", choices=["sd", "sdxl", "playground"],
+                      help="sd: an SD1.x-like pipeline; sdxl: two text encoders and a text_time UNet; playground: "
+                           "SDXL's with an EDM scheduler and a VAE with latents_mean/latents_std (Playground v2.5)")
     tiny.set_defaults(func=cmd_make_tiny_model, subparser=tiny)
 
     check = sub.add_parser("check-data", help="report every problem in a dataset without training",
@@ -220,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench, subparser=bench)
 
-    from .convert import FORMATS
+    from .convert import FAMILIES, FORMATS
 
     conv = sub.add_parser("convert", help="rewrite SC-Tuner (swift, scepter) or LoRA (diffusers, kohya) weights "
                           "in another layout", allow_abbrev=False)
@@ -230,7 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output", help="folder (or .safetensors file) to write")
     conv.add_argument("--resnets_per_block", type=int, default=3,
                       help="scepter -> swift: resnets per UNet up block (3 for SD1.x/2.x/SDXL)")
+    conv.add_argument("--family", choices=FAMILIES, default=None,
+                      help="--to kohya: kohya's naming of SD1.x/2.x (diffusers-style paths, lora_te_) or of SDXL "
+                      "(LDM input_blocks/middle_block/output_blocks, lora_te1_/lora_te2_); default: SDXL when the "
+                      "file's modules show it (text_encoder_2, add_embedding, transformer depth > 1)")
     conv.set_defaults(func=cmd_convert, subparser=conv)
+    merge = sub.add_parser("merge-lora", help="merge LoRA files into one (peft's add_weighted_adapter: cat, linear, "
+                           "svd, ties, dare, magnitude_prune)", allow_abbrev=False)
+    merge.add_argument("inputs", nargs="+", metavar="LORA", help="LoRA files or folders (diffusers or kohya layout)")
+    merge.add_argument("--out", required=True, help="folder (or .safetensors file) to write")
+    merge.add_argument("--weights", nargs="+", type=float, help="one weight per LoRA (default 1 each)")
+    merge.add_argument("--combination", default="cat", choices=MERGE_COMBINATIONS,
+                       help="cat: exact sum, rank = sum of ranks; linear/ties/dare_*/magnitude_prune: on A and B "
+                            "separately, equal ranks; *svd: on the full updates, then a truncated SVD")
+    merge.add_argument("--density", type=float, help="fraction of entries kept by ties, dare_*, magnitude_prune")
+    merge.add_argument("--majority_sign_method", default="total", choices=["total", "frequency"],
+                       help="ties / dare_ties sign election")
+    merge.add_argument("--rank", type=int, help="svd combinations: rank of the result (default: the largest input rank)")
+    merge.add_argument("--svd_clamp", type=float, help="svd combinations: clamp B and A at this quantile of their entries")
+    merge.add_argument("--seed", type=int, default=0, help="dare_*: seed of the random drop")
+    merge.add_argument("--layout", default="diffusers", choices=["diffusers", "kohya"])
+    merge.set_defaults(func=cmd_merge_lora, subparser=merge)
     for command in sub.choices.values():  # also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser

@@ -1,6 +1,7 @@
 """Shared fixtures: MindSpore on CPU in graph mode, a tiny diffusers-format pipeline, the photos."""
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before MindSpore loads oneDNN
 os.environ.setdefault("GLOG_v", "3")
@@ -35,6 +36,32 @@ def gradients_are_inputs():
     return GradientsAreInputs()
 
 
+class RecordingStep:
+    """Stands in for a trainer's jitted step: records its inputs, returns a finite loss."""
+
+    def __init__(self):
+        self.calls = []
+        self.grad_scaler = SimpleNamespace(all_finite=ms.Tensor(True))
+
+    def __call__(self, *inputs):
+        self.calls.append([x.asnumpy() for x in inputs])
+        return None, ms.Tensor(0.5, ms.float32)
+
+
+@pytest.fixture
+def record_steps():
+    """record_steps(trainer, keep_files=True): the trainer's step replaced by a RecordingStep (returned);
+    with keep_files, saving is switched off too (the stub has no optimizer state to checkpoint)."""
+
+    def stub(trainer, keep_files=True):
+        trainer.train_step = RecordingStep()
+        if keep_files:
+            trainer.save_checkpoint = lambda *args: None
+            trainer.save_final_weights = lambda: None
+        return trainer.train_step
+    return stub
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from mindscedit.models import make_tiny_model
@@ -59,3 +86,11 @@ def tiny_sdxl_model_dir(tmp_path_factory):
     from mindscedit.models import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"), family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_playground_model_dir(tmp_path_factory):
+    """SDXL's layout with an EDM scheduler and a VAE with latents_mean / latents_std (Playground v2.5)."""
+    from mindscedit.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-playground"), family="playground")

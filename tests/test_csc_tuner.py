@@ -272,6 +272,8 @@ def test_sampling_with_control_scale_zero_is_the_base_model(tiny_model_dir):
     on, _ = controlled.sample_latents(args["prompts"], None, 2, 3.0, 0, 64, 64, 1, False, [condition], [1.0], 1.0)
     np.testing.assert_array_equal(off.asnumpy(), base.asnumpy())
     assert np.abs(on.asnumpy() - base.asnumpy()).max() > 1e-4
+    # The condition images are graph inputs: the second call reuses the first one's graph.
+    assert len(controlled.guided_denoiser.compile_cache) == 1
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
-import mindspore as ms
 import pytest
 from safetensors.numpy import load_file
 
@@ -127,38 +126,26 @@ def test_a_failing_worker_fails_the_launcher_and_names_its_log(tiny_model_dir, p
     assert not (tmp_path / "out").exists()
 
 
-class RecordingStep:
-    """Stands in for the jitted step: records its inputs, returns a finite loss."""
-
-    def __init__(self):
-        self.calls = []
-        self.grad_scaler = SimpleNamespace(all_finite=ms.Tensor(True))
-
-    def __call__(self, *inputs):
-        self.calls.append([x.asnumpy() for x in inputs])
-        return None, ms.Tensor(0.5, ms.float32)
-
-
-def fed_inputs(model_dir, data_dir, output_dir, batch_size, runtime, keep_files=True):
+def fed_inputs(record_steps, model_dir, data_dir, output_dir, batch_size, runtime, keep_files=True):
     trainer = Trainer(load_config(None, run_args(model_dir, data_dir, output_dir, batch_size)), runtime=runtime).build()
-    trainer.train_step = RecordingStep()
-    if keep_files:  # the stub has no optimizer state to checkpoint
-        trainer.save_checkpoint = lambda *args: None
-        trainer.save_final_weights = lambda: None
+    step = record_steps(trainer, keep_files)
     assert trainer.train().global_step == STEPS
-    return trainer.train_step.calls
+    return step.calls
 
 
-def test_each_rank_gets_its_slice_of_the_global_batch_and_noise(tiny_model_dir, photos_dir, tmp_path):
-    """Pixels, captions, noise and timesteps of rank 0 and rank 1 (2 each) concatenate to one process's 4;
-    the learning rate is the same."""
-    single = fed_inputs(tiny_model_dir, photos_dir, tmp_path / "single", 4, Runtime("CPU"))
-    rank0 = fed_inputs(tiny_model_dir, photos_dir, tmp_path / "rank0", 2, Runtime("CPU", rank=0, world_size=2))
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_each_rank_gets_its_slice_of_the_global_batch_and_noise(family, request, record_steps, photos_dir, tmp_path):
+    """Pixels, captions, noise and timesteps (and SDXL's time ids) of rank 0 and rank 1 (2 each)
+    concatenate to one process's 4; the learning rate is the same."""
+    tiny_model_dir = request.getfixturevalue("tiny_sdxl_model_dir" if family == "sdxl" else "tiny_model_dir")
+    single = fed_inputs(record_steps, tiny_model_dir, photos_dir, tmp_path / "single", 4, Runtime("CPU"))
+    rank0 = fed_inputs(record_steps, tiny_model_dir, photos_dir, tmp_path / "rank0", 2, Runtime("CPU", rank=0, world_size=2))
     rank1_out = tmp_path / "rank1"
     # Rank 1 runs the real saving code: it must write nothing at all.
-    rank1 = fed_inputs(tiny_model_dir, photos_dir, rank1_out, 2, Runtime("CPU", rank=1, world_size=2), False)
+    rank1 = fed_inputs(record_steps, tiny_model_dir, photos_dir, rank1_out, 2, Runtime("CPU", rank=1, world_size=2), False)
     assert not rank1_out.exists()
     assert len(single) == len(rank0) == len(rank1) == STEPS
+    assert len(single[0]) == (7 if family == "sdxl" else 6)  # pixels, ids, 3 x randomness, (time ids,) lr
     for whole, first, second in zip(single, rank0, rank1):
         assert whole[-1] == first[-1] == second[-1]  # the step's learning rate: the same on every card
         for w, a, b in zip(whole[:-1], first[:-1], second[:-1]):

@@ -36,9 +36,11 @@ from mindscedit.tuners.lora import (
     unmerge_lora,
     write_lora_file,
 )
-from mindscedit.tuners.lora.formats import combine
+from mindscedit.tuners.lora.formats import combine, detect_family
+from mindscedit.tuners.lora.io import unet_family
 from mindscedit.tuners.sc_tuner import inject_sc_tuners, sc_tuner_named_parameters, sc_tuner_parameters
 from mindscedit.tuners.sc_tuner.io import load_sc_tuners, save_sc_tuners
+from mindscedit.tuners.sc_tuner.model import sc_tuner_dims
 
 RNG = np.random.default_rng(0)
 
@@ -164,17 +166,18 @@ def test_adapter_weights_merge_and_unmerge_on_unet(two_adapters, base_output):
 
 def test_combining_adapters(two_adapters):
     a, b = lora_modules(two_adapters, "a"), lora_modules(two_adapters, "b")
-    cat = combine([a, b], [0.5, 2.0], "cat")
+    cat = combine([a, b], [0.5, 2.0], "cat", same_modules=False)  # b also adapts ff layers
     for module, m in cat.items():
         want = sum(w * x[module].scaling * x[module].up.astype(np.float64) @ x[module].down
                    for x, w in ((a, 0.5), (b, 2.0)) if module in x)
         np.testing.assert_allclose(m.scaling * m.up.astype(np.float64) @ m.down, want, rtol=1e-5, atol=1e-6)
         assert m.rank == sum(x[module].rank for x in (a, b) if module in x)
     with pytest.raises(UserError, match="equal ranks"):
-        combine([a, b], [0.5, 0.5], "linear")
-    lin = combine([a, a], [1.0, 1.0], "linear")  # peft's formula: sqrt(w) s A and sqrt(w) B summed
+        combine([a, b], [0.5, 0.5], "linear", same_modules=False)
+    lin = combine([a, a], [1.0, 1.0], "linear")  # peft's formula: sqrt(w s) A and sqrt(w s) B summed
     m0 = next(iter(a))
-    np.testing.assert_allclose(lin[m0].down, 2 * a[m0].scaling * a[m0].down, rtol=1e-6)
+    np.testing.assert_allclose(lin[m0].down, 2 * np.sqrt(a[m0].scaling) * a[m0].down, rtol=1e-6)
+    np.testing.assert_allclose(lin[m0].up, 2 * np.sqrt(a[m0].scaling) * a[m0].up, rtol=1e-6)
     combine_adapters(two_adapters, ["a", "b"], [0.5, 1.0], "ab")
     assert "ab" in next(iter(lora_layers(two_adapters).values())).adapter_order
 
@@ -377,3 +380,175 @@ def test_per_module_alphas_survive_the_diffusers_metadata():
     assert metadata["unet.alpha_pattern"] == {"up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": 16.0}
     read = from_diffusers(state, metadata)
     assert {name: m.alpha for name, m in read.items()} == {name: m.alpha for name, m in modules.items()}
+
+
+# -- SDXL: kohya's LDM names, text encoders, nine SC-Tuners ---------------------------------------
+
+def _stand_in(modules):
+    """{module: LoraModule} with distinct small tensors (names are what these tests are about)."""
+    rng = np.random.default_rng(3)
+    return {m: LoraModule(rng.standard_normal((2, 3)).astype(np.float32),
+                          rng.standard_normal((3, 2)).astype(np.float32), float(i % 3 + 1))
+            for i, m in enumerate(modules)}
+
+
+def _mindone_reading(kohya_names):
+    """{kohya name: diffusers path} by mindone's port of diffusers' SGM mapping (the loader
+    diffusers runs on such files), its legacy processor names turned into module paths."""
+    from types import SimpleNamespace
+
+    from mindone.diffusers.loaders.lora_conversion_utils import (
+        _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    out = {}
+    for name in kohya_names:
+        mapped = _maybe_map_sgm_blocks_to_diffusers({name + ".lora_down.weight": 0}, SimpleNamespace(layers_per_block=2))
+        path = _convert_unet_lora_key(next(iter(mapped)))
+        path = re.sub(r"\.processor\.(to_[qkv])_lora\.down\.weight$", r".\1", path)
+        path = re.sub(r"\.processor\.to_out_lora\.down\.weight$", ".to_out.0", path)
+        out[name] = "unet." + path.replace(".lora.down.weight", "")
+    return out
+
+
+def test_sdxl_key_names_of_every_layout(tmp_path):
+    """The real SDXL UNet's Dense layers: kohya's SDXL names (LDM blocks) map back to every module,
+    agree with diffusers' own SGM mapping, and SDXL is recognised from the names alone."""
+    with no_init_parameters():
+        unet = build_unet(unet_preset("sdxl"))
+    inject_lora(unet, LoRAConfig(rank=4, target_modules=ATTENTION_TARGETS + FEED_FORWARD_TARGETS + ["time_emb_proj"]))
+    paths = ["unet." + p for p in lora_layers(unet)]
+    assert len(paths) == 70 * 10 + 17  # 70 transformer blocks x 10, 17 resnets' time_emb_proj
+    assert detect_family(paths) == "sdxl" and unet_family(unet) == "sdxl"
+    names = {p: kohya_name(p, "sdxl") for p in paths}
+    assert all(module_from_kohya(n) == p for p, n in names.items())
+    assert all(re.fullmatch(r"lora_unet_(input_blocks_[1-8]_[01]|middle_block_[012]|output_blocks_[0-8]_[01])_\w+", n)
+               for n in names.values())
+    expected = {  # SGM numbering: down level 0 has no attentions, up level 2 none either
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k": "input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+        "unet.down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj": "input_blocks_8_1_transformer_blocks_9_ff_net_0_proj",
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0": "middle_block_1_transformer_blocks_0_attn1_to_out_0",
+        "unet.up_blocks.0.attentions.2.transformer_blocks.3.attn1.to_q": "output_blocks_2_1_transformer_blocks_3_attn1_to_q",
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks_3_1_transformer_blocks_0_ff_net_2",
+        "unet.down_blocks.0.resnets.1.time_emb_proj": "input_blocks_2_0_emb_layers_1",
+        "unet.mid_block.resnets.1.time_emb_proj": "middle_block_2_emb_layers_1",
+        "unet.up_blocks.2.resnets.2.time_emb_proj": "output_blocks_8_0_emb_layers_1",
+    }
+    for module, flat in expected.items():
+        assert names[module] == "lora_unet_" + flat
+    assert _mindone_reading(names.values()) == {n: p for p, n in names.items()}
+
+    assert not any(n.startswith("lora_unet_input_blocks_1_1") for n in names.values())
+    for name, message in [("lora_unet_input_blocks_3_0_op", "downsampler"),
+                          ("lora_unet_input_blocks_1_0_in_layers_2", "emb_layers_1"),
+                          ("lora_unet_out_2", "not a Dense layer")]:
+        with pytest.raises(UserError, match=message):
+            module_from_kohya(name)
+    with pytest.raises(UserError, match="no kohya SDXL name"):
+        kohya_name("unet.conv_in", "sdxl")
+
+    inject_sc_tuners(unet)  # SDXL: 3 up levels x 3 resnets
+    keys = list(sc_tuner_named_parameters(unet))
+    assert all(re.fullmatch(r"up_blocks\.[0-2]\.resnets\.[0-2]\.scetuner_default\.tuner_op\.ln[12]\.(weight|bias)", k)
+               for k in keys) and len(keys) == 36
+    assert sc_tuner_dims(unet) == [1280, 1280, 640, 640, 640, 320, 320, 320, 320]
+
+
+def test_sdxl_lora_convert_round_trips_exactly(tmp_path):
+    """diffusers -> kohya (SDXL naming, found from the modules) -> diffusers gives back every tensor
+    and alpha, text encoders included; --family overrides the detection both ways."""
+    modules = _stand_in([
+        "unet.down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_v",
+        "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+        "unet.up_blocks.1.resnets.2.time_emb_proj",
+        "unet.add_embedding.linear_1",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoder_2.text_model.encoder.layers.1.mlp.fc1",
+    ])
+    source = write_lora_file(modules, str(tmp_path / "d"))
+    assert main(["convert", "--from", "diffusers", "--to", "kohya", source, str(tmp_path / "k")]) == 0
+    kohya = load_file(str(tmp_path / "k" / "lora_kohya.safetensors"))
+    assert {k.rsplit(".", 1)[0].replace(".lora_down", "").replace(".lora_up", "") for k in kohya} == {
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn1_to_v",
+        "lora_unet_middle_block_1_transformer_blocks_0_ff_net_2",
+        "lora_unet_output_blocks_5_0_emb_layers_1",
+        "lora_unet_label_emb_0_0",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1",
+    }
+    assert main(["convert", "--from", "kohya", "--to", "diffusers", str(tmp_path / "k"), str(tmp_path / "d2")]) == 0
+    back, layout = read_lora_file(str(tmp_path / "d2"))
+    assert layout == "diffusers" and set(back) == set(modules)
+    for module, m in modules.items():
+        np.testing.assert_array_equal(back[module].down, m.down)
+        np.testing.assert_array_equal(back[module].up, m.up)
+        assert back[module].alpha == m.alpha
+
+    # one text encoder and attention blocks of depth 1 look like SD1.x; --family sdxl says otherwise
+    sd_like = _stand_in(["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q",
+                         "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"])
+    assert detect_family(sd_like) == "sd"
+    source = write_lora_file(sd_like, str(tmp_path / "sd"))
+    assert set(load_file(convert("diffusers", "kohya", source, str(tmp_path / "sd_k.safetensors")))) >= {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_k_proj.alpha"}
+    forced = convert("diffusers", "kohya", source, str(tmp_path / "xl_k.safetensors"), family="sdxl")
+    assert set(load_file(forced)) >= {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q.alpha",
+                                      "lora_te1_text_model_encoder_layers_0_self_attn_k_proj.alpha"}
+    assert set(read_lora_file(forced)[0]) == set(sd_like)
+    with pytest.raises(UserError, match="--family 'sd3'"):
+        convert("diffusers", "kohya", source, str(tmp_path / "x"), family="sd3")
+
+
+def test_sdxl_scepter_numbering_of_nine_tuners(tmp_path):
+    """scepter's lsc_identity.m, m = 0..8, is SDXL's decoder skip order: up_blocks.{m // 3}.resnets.{m % 3}."""
+    dims = [1280, 1280, 640, 640, 640, 320, 320, 320, 320]
+    rng = np.random.default_rng(4)
+    state = {f"lsc_identity.{m}.tuner_op.{n}": rng.standard_normal(
+        (d, d) if n.endswith("weight") else (d,)).astype(np.float32)
+        for m, d in enumerate(dims) for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")}
+    save_file(state, str(tmp_path / "sdxl_sce.safetensors"))
+    convert("scepter", "swift", str(tmp_path / "sdxl_sce.safetensors"), str(tmp_path / "swift"))
+    swift = load_file(str(tmp_path / "swift" / "default" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "swift" / "default" / "adapter_config.json").read_text())
+    assert config["dims"] == dims and len(swift) == 36
+    for m in range(9):
+        np.testing.assert_array_equal(swift[f"up_blocks.{m // 3}.resnets.{m % 3}.scetuner_default.tuner_op.ln2.bias"],
+                                      state[f"lsc_identity.{m}.tuner_op.ln2.bias"])
+    back = load_file(convert("swift", "scepter", str(tmp_path / "swift"), str(tmp_path / "back.safetensors")))
+    assert set(back) == set(state) and all(np.array_equal(back[k], v) for k, v in state.items())
+
+
+def test_tiny_sdxl_unet_lora_and_sc_tuners_through_every_layout(tiny_sdxl_model_dir, tmp_path):
+    """On the tiny SDXL UNet (2 levels: 6 SC-Tuners): save_lora's kohya file takes SDXL's names (from
+    the UNet config) and loads back into a fresh UNet; SC-Tuners go swift -> scepter -> a fresh UNet."""
+    from mindscedit.models.loading import load_unet
+
+    unet = load_unet(tiny_sdxl_model_dir)
+    config = LoRAConfig(rank=2, alpha=3, target_modules=ATTENTION_TARGETS + ["time_emb_proj"])
+    inject_lora(unet, config)
+    _randomise([p for p in unet.trainable_params() if "lora_" in p.name], seed=7)
+    original = lora_modules(unet, "default")
+    kohya = load_file(save_lora(unet, str(tmp_path / "k"), config, layout="kohya"))
+    assert all(re.match(r"lora_unet_(input_blocks_[1-5]|middle_block_[012]|output_blocks_[0-5])_", k) for k in kohya)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.alpha" in kohya
+    other = load_unet(tiny_sdxl_model_dir)
+    add_lora(other, str(tmp_path / "k"), "k")
+    loaded = lora_modules(other, "k")
+    assert set(loaded) == set(original)
+    for module, m in original.items():
+        np.testing.assert_array_equal(loaded[module].down, m.down)
+        assert loaded[module].alpha == 3.0
+
+    inject_sc_tuners(unet)
+    _randomise(sc_tuner_parameters(unet), seed=8)
+    expected = {k: p.asnumpy().copy() for k, p in sc_tuner_named_parameters(unet).items()}
+    assert len(expected) == 6 * 4 and sc_tuner_dims(unet) == [64, 64, 32, 32, 32, 32]
+    save_sc_tuners(unet, str(tmp_path / "sc"))
+    scepter = load_file(convert("swift", "scepter", str(tmp_path / "sc"), str(tmp_path / "sce.safetensors")))
+    np.testing.assert_array_equal(scepter["lsc_identity.3.tuner_op.ln1.weight"],
+                                  expected["up_blocks.1.resnets.0.scetuner_default.tuner_op.ln1.weight"])
+    inject_sc_tuners(other)
+    load_sc_tuners(other, str(tmp_path / "sce.safetensors"))
+    for key, p in sc_tuner_named_parameters(other).items():
+        np.testing.assert_array_equal(p.asnumpy(), expected[key])

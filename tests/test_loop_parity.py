@@ -330,7 +330,7 @@ def tiny_run(tiny_model_dir, photos_dir, tmp_path_factory):
                                 plotted=(out / "loss.png").is_file(), log="\n".join(handler.lines))
         handler.lines = []
         trainer.config = dataclasses.replace(config, resume_from_checkpoint=str(out / "checkpoint-4"),
-                                             validation_steps=3)
+                                             validation_prompt=["a cat"], validation_steps=3)
         trainer.validator = stand_in_validator(str(out))
         resumed = trainer.train()
     finally:

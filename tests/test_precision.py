@@ -35,9 +35,10 @@ def low_precision(name):
 # The configs that train in fp16 or bf16 (the CPU demo configs, in fp32, are trained through the
 # command line by test_smoke.py).
 CONFIGS = sorted(name for name in os.listdir(os.path.join(REPO, "configs")) if low_precision(name))
-RESUMED = {"sd15_vanilla.yaml", "sd15_lora.yaml", "sd15_scedit.yaml", "sd15_scedit_canny.yaml"}  # one per method
+# One per method, and SDXL's LoRA.
+RESUMED = {"sd15_vanilla.yaml", "sd15_lora.yaml", "sd15_scedit.yaml", "sd15_scedit_canny.yaml", "sdxl_lora.yaml"}
 STEPS = 3
-VALIDATED = {"sd15_vanilla.yaml", "sd15_scedit_canny.yaml"}
+VALIDATED = {"sd15_vanilla.yaml", "sd15_scedit_canny.yaml", "sdxl_scedit.yaml"}
 STEPS_RUN = {}  # graph key -> the config whose run in this module compiled and ran that step
 
 
@@ -56,6 +57,9 @@ def shipped_config(name, model_dir, photos_dir, output_dir, **overrides):
                   dataloader_num_workers=1)
     if shipped.get("jit_level") == "O2":
         values["jit_level"] = "O0"  # CPU refuses O2; the rest of the setting is as shipped
+    if shipped.get("instance_data_dir"):  # DreamBooth: the demo's two cat photos, two class images made here
+        values.update(train_data_dir=None, instance_data_dir=os.path.join(REPO, "mindscedit", "assets", "cat2"),
+                      class_data_dir=str(output_dir) + "-class", num_class_images=2)
     if shipped.get("conditioning_image_column"):
         values["conditioning_image_column"] = "image"  # the bundled photos have no depth maps: the photo stands in
     values.update(overrides)
@@ -97,8 +101,8 @@ def trainable_arrays(trainer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS + ["tiny_lora.yaml+dora+fp16"])
-def test_each_shipped_config_trains_in_its_own_precision(name, tiny_model_dir, photos_dir, tmp_path, ascend_graph,
-                                                        once_per_step):
+def test_each_shipped_config_trains_in_its_own_precision(name, tiny_model_dir, tiny_sdxl_model_dir, photos_dir, tmp_path,
+                                                        ascend_graph, once_per_step):
     file, _, variant = name.partition("+")
     extra = dict(use_dora=True, mixed_precision="fp16") if variant else {}
     if file in VALIDATED:  # validation images in the run's precision (vanilla: AMP; canny: under a condition)
@@ -107,7 +111,8 @@ def test_each_shipped_config_trains_in_its_own_precision(name, tiny_model_dir, p
             condition = tmp_path / "edges.png"
             Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(condition)
             extra["validation_image"] = [str(condition)]
-    config, shipped = shipped_config(file, tiny_model_dir, photos_dir, tmp_path / "run", **extra)
+    model_dir = tiny_sdxl_model_dir if file.startswith("sdxl") else tiny_model_dir
+    config, shipped = shipped_config(file, model_dir, photos_dir, tmp_path / "run", **extra)
     trainer = Trainer(config).build()
     before = trainable_arrays(trainer)
     once_per_step(name)
@@ -125,6 +130,8 @@ def test_each_shipped_config_trains_in_its_own_precision(name, tiny_model_dir, p
         # The frozen UNet computes in fp16 (vanilla: AMP O2 casts in the graph, weights stay fp32).
         frozen = [p for p in trainer.components.unet.get_parameters() if not p.requires_grad]
         assert frozen and all(p.dtype == ms.float16 for p in frozen)
+    if config.mixed_precision == "fp16":  # SDXL's VAE says force_upcast: fp32, as in its pipeline
+        assert trainer.components.vae.dtype == (ms.float32 if file.startswith("sdxl") else ms.float16)
     assert os.path.isfile(tmp_path / "run" / f"checkpoint-{STEPS}" / "state.json")
     if file in VALIDATED:
         (image,) = (tmp_path / "run" / "validation" / f"step_{STEPS}").glob("*seed*.png")
@@ -194,3 +201,26 @@ def test_flash_attention_switch_for_910a(monkeypatch):
     monkeypatch.setenv("MINDSCEDIT_FLASH_ATTENTION", "off")
     with pytest.raises(UserError, match="MINDSCEDIT_FLASH_ATTENTION='off': expected 1"):
         flash_flags()
+
+
+@pytest.mark.parametrize("text_side", ["train_text_encoder_ti", "train_text_encoder"])
+@pytest.mark.slow
+def test_bf16_sdxl_step_with_the_text_side_passes_type_inference(text_side, tiny_sdxl_model_dir, tmp_path,
+                                                                 ascend_graph):
+    """Pivotal tuning's rows and text-encoder LoRA train through bf16 text encoders (both of SDXL's, the
+    pooled prompt included): the whole training step, as an Ascend run builds it, through the front end."""
+    from mindscedit.runtime import Runtime
+
+    config = load_config(None, dict(
+        pretrained_model_name_or_path=tiny_sdxl_model_dir, method="lora", output_dir=str(tmp_path / "run"),
+        instance_data_dir=os.path.join(REPO, "mindscedit", "assets", "cat2"), instance_prompt="a photo of TOK cat",
+        resolution=32, max_train_steps=2, mixed_precision="bf16", device_target="Ascend", **{text_side: True}))
+    trainer = Trainer(config, runtime=Runtime("Ascend")).build()
+    assert trainer.components.text_encoder_2.dtype == ms.bfloat16
+    assert all(p.dtype == ms.float32 for p in trainer.trainable)
+    ids = trainer.family.prompt_tokenizer(trainer.components)(config.instance_prompt)[None]
+    size = (32, 32)
+    time_ids = trainer.family.add_time_ids(size, (0, 0), size)
+    inputs = (ms.Tensor(np.zeros((1, 3, 32, 32), np.float32)), ms.Tensor(ids), *trainer.draw_randomness(0, 1),
+              time_ids, ms.Tensor(1e-4, ms.float32))
+    compile_front_end(trainer.train_step, inputs)

@@ -228,12 +228,6 @@ def test_settings_reach_the_compile_cache_key():
     assert len({key(**v) for v in variants}) == len(variants)
 
 
-def test_parameter_groups_are_refused():
-    param = ms.Parameter(ms.Tensor(np.ones(2, np.float32)), name="w")
-    with pytest.raises(ValueError, match="one d from every weight"):
-        GatedProdigy([{"params": [param], "lr": 0.5}], 1.0)
-
-
 def test_in_the_branch_free_step_fp16_unscaling_and_a_nan_step(gradients_are_inputs):
     """Through build_train_step: loss-scaled fp16 gradients, clipping, a NaN step skipped; every
     optimizer tensor in the step's cell tree (all a graph loaded from the compile cache binds)."""

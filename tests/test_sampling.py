@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from mindscedit.models import build_unet, load_components, unet_preset
 from mindscedit.sampling import (
-    SCHEDULERS, Sampler, apply_loras, apply_sc_tuners, make_scheduler, save_images, set_lora_scale,
+    Sampler, apply_loras, apply_sc_tuners, make_scheduler, save_images, schedulers_for, set_lora_scale,
 )
 from mindscedit.tuners.lora import LoRAConfig, inject_lora, save_lora
 from mindscedit.tuners.sc_tuner import inject_sc_tuners, save_sc_tuners, sc_tuner_parameters, set_tuner_scale
@@ -115,7 +115,7 @@ def test_guidance_one_runs_only_the_conditional_batch(base_sampler, monkeypatch)
 def test_every_scheduler_yields_finite_images(base_sampler):
     results = {}
     try:
-        for name in SCHEDULERS:
+        for name in schedulers_for("ddpm"):
             base_sampler.scheduler = name  # same compiled Cells: latents, timestep and scale keep their shapes
             latents, _ = base_sampler.sample_latents(PROMPTS, "", 3, 5.0, 0, 32, 32, 2, False)
             assert np.isfinite(latents.asnumpy()).all(), name
@@ -135,7 +135,7 @@ def test_scheduler_config_carries_prediction_type(tiny_vpred_model_dir):
     from mindscedit.models.loading import load_noise_scheduler
 
     config = load_noise_scheduler(tiny_vpred_model_dir).config
-    for name in SCHEDULERS:
+    for name in schedulers_for("ddpm"):
         assert make_scheduler(name, config).config.prediction_type == "v_prediction"
     assert make_scheduler("dpm++_2m_karras", config).config.use_karras_sigmas
     assert make_scheduler("dpm++_2m", config).config.algorithm_type == "dpmsolver++"
@@ -152,7 +152,7 @@ class OracleUNet(nn.Cell):
         self.dtype = ms.float32
         self.config = SimpleNamespace(in_channels=4, sample_size=4)
 
-    def construct(self, sample, timestep, encoder_hidden_states, return_dict=False):
+    def construct(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=False):
         a = self.alphas_cumprod[timestep.astype(ms.int32)].reshape(-1, 1, 1, 1)
         eps = (sample - ops.sqrt(a) * self.x0) / ops.sqrt(1 - a)
         return (ops.sqrt(a) * eps - ops.sqrt(1 - a) * self.x0 if self.v else eps,)

@@ -81,19 +81,27 @@ def trained_params(checkpoint):
 
 
 def test_every_method_has_a_shipped_cpu_config():
-    methods = [read_config_file(os.path.join(REPO, "configs", name))["method"] for name in FP32_CONFIGS]
+    sd_configs = [name for name in FP32_CONFIGS if "sdxl" not in name and "dreambooth" not in name]
+    methods = [read_config_file(os.path.join(REPO, "configs", name))["method"] for name in sd_configs]
     assert sorted(methods) == sorted(WEIGHTS)
+    assert {"tiny_sdxl_scedit.yaml", "tiny_dreambooth_lora.yaml"} <= set(FP32_CONFIGS)
 
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("config_name", FP32_CONFIGS)
 @pytest.mark.slow
-def test_each_method_trains_through_the_compile_cache(config_name, tiny_model_dir, photos_dir, tmp_path):
+def test_each_method_trains_through_the_compile_cache(config_name, tiny_model_dir, tiny_sdxl_model_dir, photos_dir,
+                                                     tmp_path):
     method = read_config_file(os.path.join(REPO, "configs", config_name))["method"]
+    model_dir = tiny_sdxl_model_dir if "sdxl" in config_name else tiny_model_dir
+    # The DreamBooth config trains on its own instance photos; its class images are made under tmp_path.
+    data = (["--instance_data_dir", os.path.join(REPO, "mindscedit", "assets", "cat2"),
+             "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "2"] if "dreambooth" in config_name
+            else ["--train_data_dir", photos_dir])
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [os.path.join(os.path.dirname(sys.executable), "mindscedit"), "train",
            "--config", os.path.join(REPO, "configs", config_name),
-           "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", photos_dir,
+           "--pretrained_model_name_or_path", model_dir, *data,
            "--output_dir", str(out), "--resolution", "32", "--max_train_steps", "2", "--checkpointing_steps", "1",
            "--logging_steps", "1",
            "--device_target", "CPU", "--compile_cache_dir", str(cache)]

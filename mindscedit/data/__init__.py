@@ -7,7 +7,7 @@ from .dataset import (
     encode_sample_key,
     iterate_batches,
 )
-from .sources import DataError, Record, load_records
+from .sources import DataError, Record, load_instance_records, load_records
 from ..models.text import write_tiny_clip_tokenizer
 from .transforms import ImageTransform, apply_params, decode_image, to_rgb
 
@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "Record",
     "load_records",
+    "load_instance_records",
     "ImageTransform",
     "apply_params",
     "decode_image",

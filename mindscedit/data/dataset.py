@@ -19,7 +19,7 @@ import numpy as np
 from ..models.text import PromptTokenizer
 from .conditions import ConditionSpec
 from .sources import DataError, Record
-from .transforms import ImageTransform, decode_image
+from .transforms import ImageTransform, crop_coordinates, decode_image
 
 __all__ = [
     "TextImageDataset",
@@ -62,7 +62,9 @@ def decode_sample_key(key: int, num_samples: int) -> Tuple[int, int]:
 
 
 class TextImageDataset:
-    """Random-access dataset of ``(pixel_values float32 [3,R,R], input_ids int32 [L])``.
+    """Random-access dataset of ``(pixel_values float32 [3,R,R], input_ids int32 [L])``, then the
+    condition image when a ConditionSpec is given, then the model family's ``size_conditions``
+    (SDXL: ``time_ids`` float32 [6] from the image's size, crop and flip; none for SD1.x/2.x).
 
     ``on_bad_sample="skip"`` replaces an undecodable sample by the next index that decodes (the
     failure is logged once per index and counted in ``num_skipped``; with several loader workers
@@ -77,6 +79,7 @@ class TextImageDataset:
         seed: int = 0,
         on_bad_sample: str = "skip",
         condition: Optional[ConditionSpec] = None,
+        family=None,
     ):
         if not records:
             raise DataError("dataset has no records")
@@ -89,6 +92,7 @@ class TextImageDataset:
         self.seed = seed
         self.on_bad_sample = on_bad_sample
         self.condition = condition
+        self.family = family  # models/family.py: which size conditions each sample carries
         self.num_skipped = 0
         self._bad_indices: Set[int] = set()  # known-bad samples are skipped without re-decoding
         self._small_warned: Set[int] = set()
@@ -96,7 +100,7 @@ class TextImageDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key) -> Tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, key) -> tuple:
         num_samples = len(self.records)
         epoch, index = decode_sample_key(key, num_samples)
         for offset in range(num_samples):
@@ -112,7 +116,7 @@ class TextImageDataset:
             self.num_skipped += 1
         raise DataError(f"none of the {num_samples} samples could be decoded")
 
-    def _load(self, index: int, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _load(self, index: int, epoch: int) -> tuple:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         image = decode_image(record.image, record.origin)
@@ -130,12 +134,14 @@ class TextImageDataset:
         caption = record.caption
         if not isinstance(caption, str):
             caption = caption[int(rng.integers(len(caption)))]
-        input_ids = self.tokenize(caption)
-        if self.condition is None:
-            return pixel_values, input_ids
-        # Its own generator: adding a condition leaves the crop, flip and caption draws unchanged.
-        condition_rng = np.random.default_rng([self.seed, epoch, index, 1])
-        return pixel_values, input_ids, self.condition.make(record, pixel_values, params, condition_rng)
+        sample = (pixel_values, self.tokenize(caption))
+        if self.condition is not None:
+            # Its own generator: adding a condition leaves the crop, flip and caption draws unchanged.
+            condition_rng = np.random.default_rng([self.seed, epoch, index, 1])
+            sample += (self.condition.make(record, pixel_values, params, condition_rng),)
+        if self.family is not None:
+            sample += tuple(self.family.size_condition_values(*crop_coordinates(params)))
+        return sample
 
 
 class ResumableShardedSampler:
@@ -265,9 +271,11 @@ def create_dataloader(
     on_bad_sample: str = "skip",
     condition: Optional[ConditionSpec] = None,
     prefetch_size: Optional[int] = DEFAULT_PREFETCH_SIZE,
+    family=None,
 ):
     """Infinite MindSpore dataset of batches with columns ``pixel_values`` and ``input_ids``
-    (and ``condition``, float32 [3, R, R] in [0, 1], when a ConditionSpec is given).
+    (and ``condition``, float32 [3, R, R] in [0, 1], when a ConditionSpec is given; and the
+    family's ``size_conditions``, e.g. SDXL's ``time_ids``, when a model family is given).
 
     Iterate it with ``create_dict_iterator(num_epochs=1, output_numpy=True)`` and stop by step count.
     A third column, ``num_skipped``, counts the bad samples skipped for each entry (sum it for a total).
@@ -290,7 +298,7 @@ def create_dataloader(
         ms_dataset.config.set_prefetch_size(int(prefetch_size))
 
     dataset = TextImageDataset(
-        records, ImageTransform(resolution, center_crop, random_flip), tokenizer, seed, on_bad_sample, condition
+        records, ImageTransform(resolution, center_crop, random_flip), tokenizer, seed, on_bad_sample, condition, family
     )
     sampler = ResumableShardedSampler(
         len(dataset), batch_size, num_shards, shard_id, shuffle, seed, start_step
@@ -299,7 +307,8 @@ def create_dataloader(
     samples = keys.map(
         operations=_CountingLoader(dataset),
         input_columns=["sample_key"],
-        output_columns=COLUMN_NAMES + (["condition"] if condition else []) + [SKIPPED_COLUMN],
+        output_columns=COLUMN_NAMES + (["condition"] if condition else []) + list(getattr(family, "size_conditions", ()))
+        + [SKIPPED_COLUMN],
         num_parallel_workers=num_workers,
         python_multiprocessing=num_workers > 1,
     )

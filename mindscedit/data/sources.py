@@ -10,6 +10,9 @@ Supported layouts for ``load_records(path)``, checked in this order:
 * csv: a ``.csv`` file, or a folder holding exactly one, with a header row; image paths are
   relative to the CSV's folder.
 
+``load_instance_records(path, prompt)`` reads DreamBooth's instance images: a plain folder of
+images, every one captioned with the instance prompt (or a folder in a layout above).
+
 Images are not decoded here: a record holds encoded bytes or a file path, so loading stays fast
 and a corrupt image is only reported (or skipped) when the dataset reads it.
 """
@@ -22,7 +25,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 
-__all__ = ["DataError", "Record", "load_records", "IMAGE_PATH_FALLBACKS"]
+__all__ = ["DataError", "Record", "load_records", "load_instance_records", "IMAGE_PATH_FALLBACKS"]
 
 
 class DataError(UserError):
@@ -79,28 +82,66 @@ def load_records(
         else:
             raise DataError(f"{path}: unknown dataset file type (expected .parquet, .jsonl or .csv)")
     else:
-        parquet_files = sorted(path.glob("*.parquet")) or sorted((path / "data").glob("*.parquet"))
-        csv_files = sorted(path.glob("*.csv"))
-        if parquet_files:
-            records = _read_parquet_files(parquet_files, image_column, caption_column, report, condition_column)
-        elif (path / "metadata.jsonl").is_file():
-            records = _read_jsonl(path / "metadata.jsonl", image_column, caption_column, report, condition_column)
-        elif len(csv_files) == 1:
-            records = _read_csv(csv_files[0], image_column, caption_column, report, condition_column)
-        elif len(csv_files) > 1:
-            names = ", ".join(f.name for f in csv_files)
-            raise DataError(f"{path}: several CSV files ({names}); pass the one to use")
-        else:
+        layout = _folder_layout(path)
+        if layout is None:
             raise DataError(
                 f"{path}: unknown dataset layout (expected *.parquet, data/*.parquet, "
                 "metadata.jsonl or one .csv file)"
             )
+        kind, files = layout
+        if kind == "parquet":
+            records = _read_parquet_files(files, image_column, caption_column, report, condition_column)
+        elif kind == "jsonl":
+            records = _read_jsonl(files[0], image_column, caption_column, report, condition_column)
+        elif len(files) == 1:
+            records = _read_csv(files[0], image_column, caption_column, report, condition_column)
+        else:
+            names = ", ".join(f.name for f in files)
+            raise DataError(f"{path}: several CSV files ({names}); pass the one to use")
 
     if not records:
         if records.num_rows:
             raise DataError(f"{path}: none of its {records.num_rows} rows is usable")
         raise DataError(f"{path}: dataset is empty (no rows)")
     return list(records)
+
+
+def _folder_layout(path: Path) -> Optional[Tuple[str, List[Path]]]:
+    """("parquet" | "jsonl" | "csv", its files) of a dataset folder, in load_records' order; None
+    for a folder in none of those layouts (e.g. a plain folder of images)."""
+    parquet_files = sorted(path.glob("*.parquet")) or sorted((path / "data").glob("*.parquet"))
+    if parquet_files:
+        return "parquet", parquet_files
+    if (path / "metadata.jsonl").is_file():
+        return "jsonl", [path / "metadata.jsonl"]
+    csv_files = sorted(path.glob("*.csv"))
+    return ("csv", csv_files) if csv_files else None
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def load_instance_records(
+    path: Union[str, Path],
+    instance_prompt: str,
+    image_column: str = "image",
+    caption_column: str = "text",
+    on_bad_record: Optional[Callable[[DataError], None]] = None,
+    condition_column: Optional[str] = None,
+) -> List[Record]:
+    """DreamBooth's instance images: a plain folder of images, each captioned `instance_prompt`
+    (diffusers' --instance_data_dir); a folder in one of load_records' layouts keeps the captions
+    of its `caption_column` instead (custom captions)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"instance_data_dir is not a folder: {path}")
+    if _folder_layout(path) is not None:
+        return load_records(path, image_column, caption_column, on_bad_record, condition_column)
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) and no dataset layout "
+                        "(metadata.jsonl, parquet, CSV)")
+    return [Record(image=str(f), caption=instance_prompt, origin=str(f)) for f in files]
 
 
 class _Records(list):

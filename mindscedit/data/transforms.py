@@ -8,7 +8,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .sources import DataError
 
-__all__ = ["ImageTransform", "apply_params", "decode_image", "to_rgb"]
+__all__ = ["ImageTransform", "apply_params", "crop_coordinates", "decode_image", "to_rgb"]
 
 # Errors PIL raises for missing, corrupt or truncated files (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -100,6 +100,24 @@ def apply_params(image: Image.Image, params: Dict[str, Any]) -> np.ndarray:
     if params["flipped"]:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(image, dtype=np.uint8)
+
+
+def crop_coordinates(params: Dict[str, Any]):
+    """The crop of ``params`` as SDXL's size conditioning records it: (original (h, w), crop
+    top-left (y, x), target (h, w)), computed as diffusers' SDXL training scripts do
+    (train_text_to_image_sdxl.py, train_text_to_image_lora_sdxl.py).
+
+    original is the image's size before the resize; (y, x) is where the crop starts in the
+    resized image. After a flip those scripts set ``x = crop width - x``, the crop's own width
+    rather than the resized image's (the mirror of the crop in the resized image would start at
+    ``resized width - x - crop width``). Models fine-tuned with those scripts saw these values,
+    so they are kept as they are.
+    """
+    width, height = params["original_size"]
+    top, left, size = params["top"], params["left"], params["crop_size"]
+    if params["flipped"]:
+        left = size - left
+    return (height, width), (top, left), (size, size)
 
 
 class ImageTransform:

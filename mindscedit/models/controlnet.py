@@ -15,17 +15,20 @@ class ControlNetUNet(nn.Cell):
         self.controlnet = ControlNetModel.from_unet(unet)
         self.unet = unet
 
-    def construct(self, sample, timestep, encoder_hidden_states, conditions, scales, control_scale):
+    def construct(self, sample, timestep, encoder_hidden_states, conditions, scales, control_scale,
+                  added_cond_kwargs=None):
         # The trainable ControlNet keeps fp32 master weights under a low-precision UNet: it runs
         # in its own dtype and its residuals are cast to the UNet's.
         control_dtype = self.controlnet.conv_in.weight.dtype
         down, mid = self.controlnet(
             sample.astype(control_dtype), timestep, encoder_hidden_states.astype(control_dtype),
-            controlnet_cond=conditions[0].astype(control_dtype), conditioning_scale=1.0, return_dict=False,
+            controlnet_cond=conditions[0].astype(control_dtype), conditioning_scale=1.0,
+            added_cond_kwargs=added_cond_kwargs, return_dict=False,
         )
         scale = (scales[0] * control_scale).astype(sample.dtype)
         down = tuple(d.astype(sample.dtype) * scale for d in down)
         return self.unet(
             sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
-            mid_block_additional_residual=mid.astype(sample.dtype) * scale, return_dict=False,
+            mid_block_additional_residual=mid.astype(sample.dtype) * scale, added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
         )[0]

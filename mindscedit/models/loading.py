@@ -5,6 +5,7 @@ plus `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/` subfolders,
 safetensors. Nothing is downloaded: a missing piece is a one-line error that names it.
 """
 import glob
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ class PipelineComponents:
     text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer
     tokenizer_2: Any = None
     scheduler_config: dict = None  # the folder's scheduler config as written (e.g. SDXL's Euler), with _class_name
+    pipeline_config: dict = None  # model_index.json (e.g. SDXL's force_zeros_for_empty_prompt)
+    new_tokens: Any = None  # pivotal tuning's tokens (tuners/textual_inversion), once added
 
     def __post_init__(self):
         if self.family is None:
@@ -51,6 +54,22 @@ class PipelineComponents:
     @property
     def text_encoders(self) -> list:
         return [getattr(self, name) for name in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self, name) for name in self.family.tokenizers]
+
+    def add_new_tokens(self, new_tokens, rows=None, seed: int = 0) -> list:
+        """Pivotal tuning's tokens in every tokenizer and text encoder (rows: saved ones, else drawn with
+        seed); prompts then name them by their abstractions. Returns the new-row Parameters."""
+        from ..tuners.textual_inversion import add_new_tokens
+
+        params = add_new_tokens(self.tokenizers, self.text_encoders, new_tokens, rows, seed)
+        self.new_tokens = new_tokens
+        return params
+
+    def rewrite_prompt(self, prompt: str) -> str:
+        return self.new_tokens.rewrite(prompt) if self.new_tokens is not None else prompt
 
 
 def check_model_folder(path: str, subfolders=SUBFOLDERS) -> None:
@@ -85,12 +104,25 @@ def load_tokenizer(path: str, subfolder: str = "tokenizer"):
     return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
 
 
-def load_noise_scheduler(path: str):
-    """The training noise scheduler: DDPM over the folder's betas, whichever sampler the folder's
-    config names (SDXL ships an EulerDiscreteScheduler config; diffusers' training scripts do the same)."""
-    from mindone.diffusers import DDPMScheduler
+def load_noise_scheduler(path: str, family=None):
+    """The model's noise schedule as a scheduler. For a DDPM-schedule family: DDPM over the
+    folder's betas, whichever sampler the folder's config names (SDXL ships an
+    EulerDiscreteScheduler config; diffusers' training scripts do the same). For an EDM family
+    (Playground): the folder's own EDM scheduler, whose config holds the sigmas (a DDPM built from
+    it would get default betas, silently not the model's)."""
+    import mindone.diffusers
 
-    return DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    if family is None or family.noise_schedule == "ddpm":
+        return mindone.diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    name = load_scheduler_config(path).get("_class_name", "")
+    if not hasattr(mindone.diffusers, name):
+        raise ModelFolderError(f"{os.path.join(path, 'scheduler')}: scheduler class '{name}' is not in mindone.diffusers")
+    return getattr(mindone.diffusers, name).from_pretrained(path, subfolder="scheduler", local_files_only=True)
+
+
+def load_pipeline_config(path: str) -> dict:
+    with open(os.path.join(path, "model_index.json")) as f:
+        return json.load(f)
 
 
 def load_scheduler_config(path: str) -> dict:
@@ -149,11 +181,16 @@ def load_components(path: str, dtype=ms.float32) -> PipelineComponents:
     family = detect_family(path)
     check_model_folder(path, family.subfolders)
     try:
+        vae = load_vae(path, dtype)
+        vae_dtype = family.vae_dtype(vae.config, dtype)
+        if vae_dtype != dtype:
+            vae.to(vae_dtype)
         return PipelineComponents(
             unet=load_unet(path, dtype),
-            vae=load_vae(path, dtype),
-            noise_scheduler=load_noise_scheduler(path),
+            vae=vae,
+            noise_scheduler=load_noise_scheduler(path, family),
             scheduler_config=load_scheduler_config(path),
+            pipeline_config=load_pipeline_config(path),
             family=family,
             **{name: load_text_encoder(path, name, dtype) for name in family.text_encoders},
             **{name: load_tokenizer(path, name) for name in family.tokenizers},

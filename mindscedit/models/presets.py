@@ -68,7 +68,28 @@ TINY_SDXL_UNET = dict(
     addition_time_embed_dim=TINY_SDXL_TIME_DIM,
 )
 
-UNET_PRESETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "mid": MID_UNET, "tiny": TINY_UNET}
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2048-wide
+# text states from the two encoders, and the "text_time" embedding of the pooled prompt (1280)
+# and six time ids (256 each).
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    norm_num_groups=32,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+UNET_PRESETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET, "mid": MID_UNET, "tiny": TINY_UNET}
 
 TINY_VAE = dict(
     in_channels=3,
@@ -124,6 +145,30 @@ SDXL_SCHEDULER = dict(
     steps_offset=1,
     timestep_spacing="leading",
     prediction_type="epsilon",
+)
+
+# Playground v2.5's EDMDPMSolverMultistepScheduler config (EDM sigmas, Karras schedule, 2nd-order DPM-Solver++).
+PLAYGROUND_SCHEDULER = dict(
+    sigma_min=0.002,
+    sigma_max=80.0,
+    sigma_data=0.5,
+    sigma_schedule="karras",
+    rho=7.0,
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    solver_order=2,
+    algorithm_type="dpmsolver++",
+    solver_type="midpoint",
+    lower_order_final=True,
+    euler_at_final=False,
+    final_sigmas_type="zero",
+)
+
+# Playground v2.5's VAE latent statistics: z = (x - mean) * scaling_factor / std per channel.
+PLAYGROUND_VAE_LATENTS = dict(
+    scaling_factor=0.5,
+    latents_mean=[-1.6574, 1.886, -1.383, 2.5155],
+    latents_std=[8.4927, 5.9022, 6.5498, 5.2299],
 )
 
 

@@ -22,14 +22,17 @@ class PromptTokenizer:
     """text -> int32 token ids [L], padded and cut to the tokenizer's length, as the text encoder
     reads them. A prompt longer than that is cut; the first such prompt is named in a warning."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, rewrite=None):
         if tokenizer.model_max_length > _MAX_SANE_TOKEN_LENGTH:
             raise ValueError("tokenizer.model_max_length is not set; load the tokenizer with its tokenizer_config.json")
         self.tokenizer = tokenizer
         self.length = tokenizer.model_max_length
         self.warned = False
+        self.rewrite = rewrite  # text -> text before tokenizing (pivotal tuning's abstractions -> new tokens)
 
     def __call__(self, text: str) -> np.ndarray:
+        if self.rewrite is not None:
+            text = self.rewrite(text)
         ids = self.tokenizer(text, padding="max_length", max_length=self.length, truncation=False, verbose=False)["input_ids"]
         if len(ids) > self.length:
             self._warn_cut(ids)
@@ -49,8 +52,8 @@ class PromptTokenizers:
     """text -> int32 token ids [N, L], row i from tokenizer i (SDXL's two CLIP tokenizers), each
     padded and cut as PromptTokenizer does. All tokenizers must have the same length."""
 
-    def __init__(self, tokenizers):
-        self.tokenizers = [PromptTokenizer(tokenizer) for tokenizer in tokenizers]
+    def __init__(self, tokenizers, rewrite=None):
+        self.tokenizers = [PromptTokenizer(tokenizer, rewrite) for tokenizer in tokenizers]
         lengths = sorted({tokenizer.length for tokenizer in self.tokenizers})
         if len(lengths) > 1:
             raise ValueError(f"the tokenizers' model_max_length differ ({', '.join(map(str, lengths))}); "

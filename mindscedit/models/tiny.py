@@ -1,7 +1,8 @@
-"""Write a tiny Stable Diffusion or SDXL pipeline (random weights) in the diffusers folder format.
+"""Write a tiny Stable Diffusion, SDXL or Playground v2.5-style pipeline (random weights) in the
+diffusers folder format.
 
-Tests and the embedded demo load it through the same code path as a real SD1.5/SD2.1 or SDXL
-folder.
+Tests and the embedded demo load it through the same code path as a real SD1.5/SD2.1, SDXL or
+Playground v2.5 folder.
 """
 import json
 import os
@@ -9,26 +10,49 @@ import os
 import numpy as np
 import mindspore as ms
 
-from .presets import (SD_SCHEDULER, SDXL_SCHEDULER, TINY_CLIP_TEXT, TINY_CLIP_TEXT_2, TINY_SDXL_TIME_DIM,
-                      TINY_SDXL_UNET, TINY_UNET, TINY_VAE)
+from .presets import (PLAYGROUND_SCHEDULER, PLAYGROUND_VAE_LATENTS, SD_SCHEDULER, SDXL_SCHEDULER, TINY_CLIP_TEXT,
+                      TINY_CLIP_TEXT_2, TINY_SDXL_TIME_DIM, TINY_SDXL_UNET, TINY_UNET, TINY_VAE)
 
-TINY_FAMILIES = ("sd", "sdxl")
+TINY_FAMILIES = ("sd", "sdxl", "playground")
 SDXL_VAE_SCALING = 0.13025
 
 
 def make_tiny_model(output_dir: str, prediction_type: str = "epsilon", seed: int = 0, unet_config: dict = None,
                     family: str = "sd") -> str:
-    """Write the pipeline to `output_dir`; `family` is "sd" (SD1.x-like) or "sdxl"."""
+    """Write the pipeline to `output_dir`; `family` is "sd" (SD1.x-like), "sdxl" or "playground"
+    (SDXL's layout with an EDM scheduler and a VAE with latents_mean / latents_std)."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family '{family}': choose one of {', '.join(TINY_FAMILIES)}")
     ms.set_seed(seed)
     np.random.seed(seed)
     os.makedirs(output_dir, exist_ok=True)
-    writer = _write_sdxl if family == "sdxl" else _write_sd
+    writer = {"sd": _write_sd, "sdxl": _write_sdxl, "playground": _write_playground}[family]
     model_index = writer(output_dir, prediction_type, unet_config)
     with open(os.path.join(output_dir, "model_index.json"), "w") as f:
         json.dump(model_index, f, indent=2)
     return output_dir
+
+
+# MindSpore's names of the embedding and layer-norm weights -> transformers' (what a real pipeline folder has).
+_TRANSFORMERS_SUFFIXES = {".embedding_table": ".weight", ".gamma": ".weight", ".beta": ".bias"}
+
+
+def _save_text_encoder(model, output_dir: str, subfolder: str) -> None:
+    """save_pretrained with the weights renamed as transformers names them, so that PyTorch tools load the
+    tiny pipeline's text encoders too (mindone maps the names back when it loads them)."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = os.path.join(output_dir, subfolder)
+    model.save_pretrained(folder)
+    file = os.path.join(folder, "model.safetensors")
+    renamed = {}
+    for key, value in load_file(file).items():
+        for ms_suffix, hf_suffix in _TRANSFORMERS_SUFFIXES.items():
+            if key.endswith(ms_suffix):
+                key = key[: -len(ms_suffix)] + hf_suffix
+                break
+        renamed[key] = value
+    save_file(renamed, file, metadata={"format": "pt"})
 
 
 def _write_sd(output_dir, prediction_type, unet_config) -> dict:
@@ -38,7 +62,7 @@ def _write_sd(output_dir, prediction_type, unet_config) -> dict:
     tokenizer = _write_tokenizer(output_dir, "tokenizer")
     UNet2DConditionModel(**(unet_config or TINY_UNET)).save_pretrained(os.path.join(output_dir, "unet"))
     AutoencoderKL(**TINY_VAE).save_pretrained(os.path.join(output_dir, "vae"))
-    CLIPTextModel(_text_config(tokenizer, TINY_CLIP_TEXT)).save_pretrained(os.path.join(output_dir, "text_encoder"))
+    _save_text_encoder(CLIPTextModel(_text_config(tokenizer, TINY_CLIP_TEXT)), output_dir, "text_encoder")
     DDPMScheduler(**dict(SD_SCHEDULER, prediction_type=prediction_type)).save_pretrained(
         os.path.join(output_dir, "scheduler")
     )
@@ -56,20 +80,40 @@ def _write_sd(output_dir, prediction_type, unet_config) -> dict:
 
 
 def _write_sdxl(output_dir, prediction_type, unet_config) -> dict:
-    from mindone.diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from mindone.diffusers import AutoencoderKL, EulerDiscreteScheduler
 
-    tokenizer = _write_tokenizer(output_dir, "tokenizer")
-    tokenizer_2 = _write_tokenizer(output_dir, "tokenizer_2")
-    CLIPTextModel(_text_config(tokenizer, TINY_CLIP_TEXT)).save_pretrained(os.path.join(output_dir, "text_encoder"))
-    CLIPTextModelWithProjection(_text_config(tokenizer_2, TINY_CLIP_TEXT_2)).save_pretrained(
-        os.path.join(output_dir, "text_encoder_2")
-    )
-    UNet2DConditionModel(**(unet_config or tiny_sdxl_unet_config())).save_pretrained(os.path.join(output_dir, "unet"))
+    _write_sdxl_text_and_unet(output_dir, unet_config)
     AutoencoderKL(**dict(TINY_VAE, scaling_factor=SDXL_VAE_SCALING)).save_pretrained(os.path.join(output_dir, "vae"))
     EulerDiscreteScheduler(**dict(SDXL_SCHEDULER, prediction_type=prediction_type)).save_pretrained(
         os.path.join(output_dir, "scheduler")
     )
+    return _sdxl_model_index("EulerDiscreteScheduler")
+
+
+def _write_playground(output_dir, prediction_type, unet_config) -> dict:
+    from mindone.diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler
+
+    _write_sdxl_text_and_unet(output_dir, unet_config)
+    AutoencoderKL(**dict(TINY_VAE, **PLAYGROUND_VAE_LATENTS)).save_pretrained(os.path.join(output_dir, "vae"))
+    EDMDPMSolverMultistepScheduler(**dict(PLAYGROUND_SCHEDULER, prediction_type=prediction_type)).save_pretrained(
+        os.path.join(output_dir, "scheduler")
+    )
+    return _sdxl_model_index("EDMDPMSolverMultistepScheduler")
+
+
+def _write_sdxl_text_and_unet(output_dir, unet_config) -> None:
+    from mindone.diffusers import UNet2DConditionModel
+    from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _write_tokenizer(output_dir, "tokenizer")
+    tokenizer_2 = _write_tokenizer(output_dir, "tokenizer_2")
+    _save_text_encoder(CLIPTextModel(_text_config(tokenizer, TINY_CLIP_TEXT)), output_dir, "text_encoder")
+    _save_text_encoder(CLIPTextModelWithProjection(_text_config(tokenizer_2, TINY_CLIP_TEXT_2)), output_dir,
+                       "text_encoder_2")
+    UNet2DConditionModel(**(unet_config or tiny_sdxl_unet_config())).save_pretrained(os.path.join(output_dir, "unet"))
+
+
+def _sdxl_model_index(scheduler_class: str) -> dict:
     return {
         "_class_name": "StableDiffusionXLPipeline",
         "_diffusers_version": "0.30.0",
@@ -81,7 +125,7 @@ def _write_sdxl(output_dir, prediction_type, unet_config) -> dict:
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "image_encoder": [None, None],
         "feature_extractor": [None, None],
     }

@@ -8,7 +8,8 @@ import importlib
 _EXPORTS = {
     "apply_csc_tuners": "adapters", "apply_loras": "adapters", "apply_sc_tuners": "adapters",
     "set_lora_scale": "adapters", "image_grid": "images", "save_images": "images", "slug": "images",
-    "Sampler": "sampler", "SCHEDULERS": "schedulers", "make_scheduler": "schedulers", "Validator": "validation",
+    "Sampler": "sampler", "SCHEDULERS": "schedulers", "make_scheduler": "schedulers", "schedulers_for": "schedulers",
+    "Validator": "validation",
 }
 __all__ = sorted(_EXPORTS)
 

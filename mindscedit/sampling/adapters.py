@@ -1,33 +1,43 @@
-"""Put trained weights onto a UNet for sampling: SC-Tuners (ms-swift layout) and LoRA files.
+"""Put trained weights onto a UNet for sampling: SC-Tuners (ms-swift layout) and LoRA files (whose
+text-encoder parts go onto the text encoders).
 
 LoRA goes in first: its keys name the UNet's own module paths, which SC-Tuner injection
 wraps. Both strengths (tuner_scale, LoRA weight) are Parameters: changing them needs no new graph.
 """
 import os
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import UserError
 from ..tuners.csc_tuner import ControlledUNet, build_csc_tuner, load_csc_tuner_weights, read_csc_tuner_file
-from ..tuners.lora import adapter_names, add_lora, set_adapters
+from ..tuners.lora import adapter_names, add_lora, read_lora_file, set_adapters
 from ..tuners.sc_tuner import SCTunerConfig, inject_sc_tuners, load_sc_tuners, set_tuner_scale
 from ..tuners.sc_tuner.io import read_sc_tuner_file, sc_tuner_file
 
 
-def set_lora_scale(unet, scale: float) -> None:
-    """Strength of every LoRA adapter on `unet`: s = scale * alpha / rank; 0 is the base model."""
-    names = adapter_names(unet)
-    if names:
-        set_adapters(unet, names, scale)
+def set_lora_scale(unet, scale: float, text_encoders: Optional[Dict[str, object]] = None) -> None:
+    """Strength of every LoRA adapter on `unet` (and the text encoders): s = scale * alpha / rank; 0 is the
+    base model."""
+    for network in [unet, *(text_encoders or {}).values()]:
+        names = adapter_names(network)
+        if names:
+            set_adapters(network, names, scale)
 
 
-def apply_loras(unet, paths: Sequence[str], scale: float = 1.0) -> List[str]:
-    """Add each LoRA file as adapter lora0, lora1, ... (rank, alpha, layers from the file), all active at `scale`."""
+def apply_loras(unet, paths: Sequence[str], scale: float = 1.0,
+                text_encoders: Optional[Dict[str, object]] = None) -> List[str]:
+    """Add each LoRA file as adapter lora0, lora1, ... (rank, alpha, layers from the file), all active at `scale`:
+    its UNet part on `unet`, its text-encoder parts on `text_encoders` ({component: encoder})."""
+    text_encoders = text_encoders or {}
     names = []
     for i, path in enumerate(paths):
         if not os.path.exists(path):
             raise UserError(f"--lora: LoRA weights not found: {path}")
         names.append(f"lora{i}")
-        add_lora(unet, path, names[-1], weight=scale)
+        modules = read_lora_file(path)[0]  # read once, each component's part put on its network
+        on_text = sorted({m.split(".", 1)[0] for m in modules} & set(text_encoders))
+        add_lora(unet, path, names[-1], weight=scale, loaded_elsewhere=on_text, modules=modules)
+        for component in on_text:
+            add_lora(text_encoders[component], path, names[-1], weight=scale, component=component, modules=modules)
     return names
 
 

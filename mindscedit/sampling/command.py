@@ -7,7 +7,7 @@ from typing import List
 from ..data.conditions import ANNOTATORS, load_control_image
 from ..data.sources import read_utf8_lines
 from ..errors import UserError
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, check_scheduler
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,16 +16,23 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                                        "in place of the model folder's")
     parser.add_argument("--scedit", help="SC-Tuner weights: a training output folder or adapter_model.safetensors")
     parser.add_argument("--lora", action="append", default=[], help="pytorch_lora_weights.safetensors (repeatable)")
+    parser.add_argument("--embeddings", help="pivotal tuning's new-token embeddings (a run's <name>_emb.safetensors: "
+                                             "clip_l, and clip_g for SDXL); prompts then write the new tokens, or the "
+                                             "word they were trained for")
+    parser.add_argument("--tokens", help='the tokens --embeddings holds, comma-separated, e.g. "<s0>,<s1>" (default: '
+                                         "the ones the file names)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompt_file", help="a text file, one prompt per line")
-    parser.add_argument("--negative_prompt", default="")
+    parser.add_argument("--negative_prompt", default="", help="default none: the encoded empty prompt, or zero "
+                                                              "embeddings where the pipeline says so (SDXL)")
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="<= 1: no classifier-free guidance")
     parser.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
     parser.add_argument("--height", type=int, help="default: the UNet's sample size x 8")
     parser.add_argument("--width", type=int)
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
-    parser.add_argument("--scheduler", default="ddim", help=", ".join(SCHEDULERS))
+    parser.add_argument("--scheduler", help=f"{', '.join(SCHEDULERS)}; default: the model family's (ddim for "
+                                            "SD1.x/2.x, euler for SDXL, edm_dpm++_2m for Playground-style EDM models)")
     parser.add_argument("--tuner_scale", type=float, default=1.0, help="SC-Tuner strength (0: base model)")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (0: base model)")
     parser.add_argument("--csc_tuner", action="append", default=[],
@@ -57,7 +64,7 @@ def read_prompts(args) -> List[str]:
 def run_sample(args) -> dict:
     """Checks the flags, samples, saves; returns save_images' {"images": [...], "grids": [...]}."""
     prompts = read_prompts(args)
-    if args.scheduler not in SCHEDULERS:
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: '{args.scheduler}' is not one of {', '.join(SCHEDULERS)}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
@@ -86,7 +93,7 @@ def run_sample(args) -> dict:
             raise UserError(f"--{flag} must be a positive multiple of 8, got {value}")
 
     from ..models import load_components
-    from ..models.family import refuse_added_conditions
+    from ..models.family import detect_family
     from ..models.loading import load_unet_folder
     from ..runtime import DTYPES, init_runtime
     from .adapters import apply_csc_tuners, apply_loras, apply_sc_tuners
@@ -96,11 +103,24 @@ def run_sample(args) -> dict:
     runtime = init_runtime(args.device_target)
     if runtime.device_target == "CPU" and args.mixed_precision == "bf16":
         raise UserError("--mixed_precision bf16 needs an Ascend device (MindSpore's CPU has no bf16 MatMul kernel)")
-    refuse_added_conditions(args.pretrained_model_name_or_path, "sampling")
+    family = detect_family(args.pretrained_model_name_or_path)
+    check_scheduler(args.scheduler or family.default_scheduler, family.noise_schedule)  # before minutes of loading
+    if args.tokens and not args.embeddings:
+        raise UserError("--tokens names the tokens of --embeddings; give --embeddings too")
+    embeddings = None
+    if args.embeddings:
+        from ..tuners.textual_inversion import EMBEDDING_KEYS, read_embeddings
+
+        embeddings = read_embeddings(args.embeddings, EMBEDDING_KEYS[:len(family.text_encoders)], args.tokens)
     components = load_components(args.pretrained_model_name_or_path, DTYPES[args.mixed_precision])
+    if embeddings:
+        rows, new_tokens = embeddings
+        components.add_new_tokens(new_tokens, rows)
     if args.unet:
         components.unet = load_unet_folder(args.unet, DTYPES[args.mixed_precision])
-    apply_loras(components.unet, args.lora, args.lora_scale)  # before SC-Tuners wrap the up blocks
+    # Before SC-Tuners wrap the up blocks; a file's text-encoder parts go on the text encoders.
+    apply_loras(components.unet, args.lora, args.lora_scale,
+                dict(zip(components.family.text_encoders, components.text_encoders)))
     if args.scedit:
         apply_sc_tuners(components.unet, args.scedit, args.tuner_scale)
     controlled = apply_csc_tuners(components.unet, args.csc_tuner) if args.csc_tuner else None

@@ -5,6 +5,12 @@ time (1 x 77 ids), the denoiser the same latent batch at every step with the tim
 guidance scale passed as Tensors, the decoder the final latents. The scheduler's own update
 (mindone.diffusers) runs on the host between denoiser calls.
 
+A family with added conditions (SDXL) passes them to the denoiser as inputs after the guidance
+scale, in `family.added_conditions` order: the prompt encoder's pooled output and the time ids
+of the requested size (original = target = (height, width), crop (0, 0), as
+StableDiffusionXLPipeline uses by default); a family without them passes none and the UNet gets
+its default added_cond_kwargs, None.
+
 The Cells are built with auto_prefix=False so that wrapping a UNet that a training graph also
 holds does not rename its parameters: sampling between training steps leaves the training
 graph exactly as it was compiled. Repeated blocks share their compiled graph
@@ -20,36 +26,50 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..models.family import AddedConditions
 from ..models.graph_sharing import share_repeated_blocks
 from .schedulers import make_scheduler
 
 
 class _Denoiser(nn.Cell):
-    """The UNet, or a ControlledUNet whose extra inputs come as *control =
+    """The UNet, or a ControlledUNet. Its extra inputs come last: the values of the family's
+    added conditions, unpacked (none for SD1.x/2.x), then, with CSC-Tuners, control =
     (condition images, per-condition scales, control_scale)."""
 
-    def __init__(self, unet, controlled=None):
+    def __init__(self, unet, controlled, family):
         super().__init__(auto_prefix=False)
         self.use_control = controlled is not None
         self.unet = controlled if self.use_control else unet
         self.dtype = unet.dtype
+        self.added_cond_kwargs = AddedConditions(family, unet.dtype)
+        self.num_added = len(family.added_conditions)
+        # The tuple of condition images as a variable: MindSpore otherwise takes a tuple input of
+        # the top-level graph for a constant and compiles the graph again for every new tensor in
+        # it, i.e. at every sampler call. (The added conditions come unpacked: a broadened empty
+        # tuple fails at run time.)
+        self.enable_tuple_broaden = True
 
-    def predict(self, x, timestep, embeddings, control):
+    def predict(self, x, timestep, embeddings, added, control):
         x, embeddings = x.astype(self.dtype), embeddings.astype(self.dtype)
+        added_cond_kwargs = self.added_cond_kwargs(added)
         if self.use_control:
             conditions, scales, control_scale = control
-            return self.unet(x, timestep, embeddings, conditions, scales, control_scale).astype(ms.float32)
-        return self.unet(x, timestep, embeddings, return_dict=False)[0].astype(ms.float32)
+            return self.unet(x, timestep, embeddings, conditions, scales, control_scale,
+                             added_cond_kwargs).astype(ms.float32)
+        return self.unet(x, timestep, embeddings, added_cond_kwargs=added_cond_kwargs,
+                         return_dict=False)[0].astype(ms.float32)
 
 
 class GuidedDenoiser(_Denoiser):
-    """Classifier-free guidance in one UNet call on [uncond; cond]: u + g * (c - u)."""
+    """Classifier-free guidance in one UNet call on [uncond; cond]: u + g * (c - u). `embeddings`
+    and `added` hold both halves already ([uncond; cond] along the batch)."""
 
-    def construct(self, latents, timestep, embeddings, guidance_scale, *control):
+    def construct(self, latents, timestep, embeddings, guidance_scale, *inputs):
+        added, control = inputs[:self.num_added], inputs[self.num_added:]
         if self.use_control:  # both halves of the batch see the condition
             conditions, scales, control_scale = control
             control = (tuple(ops.cat((c, c), axis=0) for c in conditions), scales, control_scale)
-        pred = self.predict(ops.cat((latents, latents), axis=0), timestep, embeddings, control)
+        pred = self.predict(ops.cat((latents, latents), axis=0), timestep, embeddings, added, control)
         uncond, cond = ops.chunk(pred, 2, axis=0)
         return uncond + guidance_scale * (cond - uncond)
 
@@ -57,8 +77,8 @@ class GuidedDenoiser(_Denoiser):
 class CondDenoiser(_Denoiser):
     """No guidance (guidance_scale <= 1): the UNet on the conditional batch only."""
 
-    def construct(self, latents, timestep, embeddings, *control):
-        return self.predict(latents, timestep, embeddings, control)
+    def construct(self, latents, timestep, embeddings, *inputs):
+        return self.predict(latents, timestep, embeddings, inputs[:self.num_added], inputs[self.num_added:])
 
 
 class VaeDecoder(nn.Cell):
@@ -75,6 +95,11 @@ class VaeDecoder(nn.Cell):
         return ops.clamp(image.astype(ms.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+def _repeat(x: ms.Tensor, n: int) -> ms.Tensor:
+    """x [1, ...] -> [n, ...]."""
+    return x.tile((n,) + (1,) * (x.ndim - 1))
+
+
 def to_pil(images: np.ndarray) -> List[Image.Image]:
     """[N, 3, H, W] floats in [0, 1] -> RGB uint8 images."""
     pixels = np.round(images.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
@@ -84,29 +109,63 @@ def to_pil(images: np.ndarray) -> List[Image.Image]:
 class Sampler:
     """Text-to-image with classifier-free guidance on PipelineComponents (plain, SC-Tuner or LoRA UNet).
 
-    `scheduler` is one of mindscedit.sampling.SCHEDULERS and may be changed between calls
-    without recompiling. Image k of every prompt starts from numpy default_rng(seed + k), and the
+    `scheduler` is one of mindscedit.sampling.SCHEDULERS for the model's noise schedule (default:
+    its family's, e.g. SDXL's Euler) and may be changed between calls without recompiling. Image k of every prompt starts from numpy default_rng(seed + k), and the
     stochastic schedulers draw that image's noise from the same generator, so an image depends
     only on its prompt and its own seed.
     """
 
-    def __init__(self, components, scheduler: str = "ddim", controlled=None):
+    def __init__(self, components, scheduler: Optional[str] = None, controlled=None):
+        family = components.family
         self.components = components
-        self.scheduler = scheduler
+        self.scheduler = scheduler or family.default_scheduler
         self.controlled = controlled  # a ControlledUNet with CSC-Tuners, for control_images
-        make_scheduler(scheduler, components.noise_scheduler.config)  # fail early on a bad name
+        self.make_scheduler()  # fail early on a bad name, or one for another noise schedule
         unet = components.unet if controlled is None else controlled
         for network in (unet, components.vae, *components.text_encoders):
             share_repeated_blocks(network)  # the networks are final here (adapters loaded)
-        family = components.family
         self.tokenize = family.prompt_tokenizer(components)
         self.text_encoder = family.prompt_encoder(components)
-        self.guided_denoiser = GuidedDenoiser(components.unet, controlled)
-        self.cond_denoiser = CondDenoiser(components.unet, controlled)
+        self.guided_denoiser = GuidedDenoiser(components.unet, controlled, family)
+        self.cond_denoiser = CondDenoiser(components.unet, controlled, family)
         self.decoder = VaeDecoder(components.vae, family.latent_scaling(components.vae))
 
-    def encode(self, prompt: str) -> ms.Tensor:
-        return self.text_encoder(ms.Tensor(self.tokenize(prompt)[None]))
+    def make_scheduler(self):
+        comps = self.components
+        return make_scheduler(self.scheduler, comps.noise_scheduler.config, comps.family.noise_schedule)
+
+    def encode(self, prompt: str):
+        """(encoder_hidden_states [1, L, D], the prompt's added conditions: a tuple of [1, ...])."""
+        encoded = self.text_encoder(ms.Tensor(self.tokenize(prompt)[None]))
+        if not self.components.family.prompt_conditions:
+            return encoded, ()
+        return encoded[0], tuple(encoded[1:])
+
+    def encode_negative(self, negative_prompt: Optional[str], encoded_prompt):
+        """The unconditional half of guidance: the encoded negative prompt, or zeros shaped as
+        `encoded_prompt` (an encode() result) where the family's pipeline guides an absent one
+        with zero embeddings (SDXL's force_zeros_for_empty_prompt)."""
+        if negative_prompt or not self.components.family.zeros_for_empty_negative_prompt(self.components):
+            return self.encode(negative_prompt or "")
+        hidden_states, added = encoded_prompt
+        return ops.zeros_like(hidden_states), tuple(ops.zeros_like(value) for value in added)
+
+    def text_conditions(self, prompts, negative_prompt, per_prompt: int, guided: bool, height: int, width: int):
+        """(encoder_hidden_states, added condition values) of the whole batch, prompt by prompt
+        with `per_prompt` images each; with guidance, the unconditional half first."""
+        encoded = [self.encode(p) for p in prompts]
+        hidden_states = ops.cat([_repeat(h, per_prompt) for h, _ in encoded], axis=0)
+        prompt_added = [ops.cat([_repeat(a[i], per_prompt) for _, a in encoded], axis=0)
+                        for i in range(len(encoded[0][1]))]
+        batch = len(prompts) * per_prompt
+        size_added = [_repeat(ms.Tensor(value[None]), batch) for value in
+                      self.components.family.size_condition_values((height, width), (0, 0), (height, width))]
+        if guided:
+            uncond_hidden, uncond_added = self.encode_negative(negative_prompt, encoded[0])
+            hidden_states = ops.cat((_repeat(uncond_hidden, batch), hidden_states), axis=0)
+            prompt_added = [ops.cat((_repeat(u, batch), c), axis=0) for u, c in zip(uncond_added, prompt_added)]
+            size_added = [ops.cat((v, v), axis=0) for v in size_added]  # the same size ids for both halves
+        return hidden_states, tuple(prompt_added) + tuple(size_added)
 
     def __call__(
         self,
@@ -194,15 +253,12 @@ class Sampler:
 
         k = num_images_per_prompt
         seeds = [seed + i for _ in prompts for i in range(k)]
-        cond = ops.cat([self.encode(p).tile((k, 1, 1)) for p in prompts], axis=0)
         guided = guidance_scale > 1.0
-        if guided:
-            uncond = self.encode(negative_prompt or "").tile((len(seeds), 1, 1))
-            embeddings = ops.cat((uncond, cond), axis=0)
-            guidance = ms.Tensor(guidance_scale, ms.float32)
+        embeddings, added = self.text_conditions(prompts, negative_prompt, k, guided, height, width)
+        guidance = ms.Tensor(guidance_scale, ms.float32)
 
         control = self.control_inputs(control_images, control_scales, control_scale, len(seeds), height, width)
-        scheduler = make_scheduler(self.scheduler, comps.noise_scheduler.config)
+        scheduler = self.make_scheduler()
         scheduler.set_timesteps(num_inference_steps)
         generators = [np.random.default_rng(s) for s in seeds]
         shape = (comps.unet.config.in_channels, height // factor, width // factor)
@@ -213,9 +269,9 @@ class Sampler:
             model_input = scheduler.scale_model_input(latents, t).astype(ms.float32)
             timestep = ms.Tensor([float(t)], ms.float32)  # same dtype and shape at every step and scheduler
             if guided:
-                pred = self.guided_denoiser(model_input, timestep, embeddings, guidance, *control)
+                pred = self.guided_denoiser(model_input, timestep, embeddings, guidance, *added, *control)
             else:
-                pred = self.cond_denoiser(model_input, timestep, cond, *control)
+                pred = self.cond_denoiser(model_input, timestep, embeddings, *added, *control)
             latents = scheduler.step(pred, t, latents, generator=generators, return_dict=False)[0].astype(ms.float32)
 
         return latents, seeds

@@ -12,10 +12,11 @@ import numpy as np
 
 from .images import save_images
 from .sampler import Sampler
+from .schedulers import schedulers_for
 
 logger = logging.getLogger("mindscedit")
 
-SCHEDULER = "dpm++_2m"
+SCHEDULER = "dpm++_2m"  # for DDPM-schedule models; an EDM model validates with its family's default
 NUM_INFERENCE_STEPS = 25
 GUIDANCE_SCALE = 7.5
 
@@ -29,7 +30,8 @@ class Validator:
 
     def __init__(self, components, prompts: List[str], output_dir: str, resolution: int, num_images: int, seed: int,
                  controlled=None, condition_images: Optional[List[np.ndarray]] = None):
-        self.sampler = Sampler(components, SCHEDULER, controlled=controlled)
+        fits = SCHEDULER in schedulers_for(components.family.noise_schedule)
+        self.sampler = Sampler(components, SCHEDULER if fits else None, controlled=controlled)
         self.prompts = list(prompts)
         self.condition_images = condition_images
         self.output_dir = output_dir

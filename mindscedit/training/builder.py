@@ -8,18 +8,19 @@ With the model's text and image encoders (`encoders`) the step starts from pixel
 (training); without them from latents and text embeddings (the benchmark times the UNet step
 alone, as the PyTorch reference measurements do).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import mindspore as ms
 
-from ..losses import DiffusionLoss
 from ..models.cpu_rewrites import apply_cpu_rewrites
+from ..models.family import StableDiffusion
 from ..models.graph_sharing import share_repeated_blocks
 from ..runtime import DTYPES
 from .methods import Method, freeze_all_but
 from .network import LatentDiffusionTrainNet, LatentTrainNet
 from .optimizers import build_optimizer
+from .param_groups import ParamGroup
 from .step import build_train_step
 
 
@@ -30,6 +31,7 @@ class Encoders:
     prompt_encoder: object  # a Cell: token ids -> encoder_hidden_states (models/family.py)
     latent_scaling: object  # a Cell: VAE latents <-> the UNet's
     frozen: list  # the networks holding their weights (VAE, text encoders)
+    trainable: list = field(default_factory=list)  # weights in them that train (new token rows, text-encoder LoRA)
 
 
 @dataclass
@@ -38,10 +40,11 @@ class BuiltStep:
     trainable: List[ms.Parameter]
 
 
-def build_step(config, method: Method, unet, loss: DiffusionLoss, learning_rate: float,
+def build_step(config, method: Method, unet, loss, learning_rate: float,
                encoders: Optional[Encoders] = None, cpu_rewrites: bool = True, share_blocks: bool = True,
-               on_prepared=None) -> BuiltStep:
-    """cpu_rewrites / share_blocks: off only to compare a step with and without them (tests).
+               on_prepared=None, family=StableDiffusion) -> BuiltStep:
+    """loss: a loss of losses.py (DDPM's or EDM-style). family: the model family (models/family.py), whose added conditions the step takes as inputs.
+    cpu_rewrites / share_blocks: off only to compare a step with and without them (tests).
     on_prepared(trainable): called once the method's weights exist, before anything else changes."""
     # Every rank must start from the same weights (the reducer never broadcasts them): the
     # initialisers of the injected weights draw from the run's seed, the same on all ranks.
@@ -50,11 +53,14 @@ def build_step(config, method: Method, unet, loss: DiffusionLoss, learning_rate:
     if on_prepared is not None:
         on_prepared(trainable)
     networks = method.networks(unet)
-    freeze_all_but(networks + (encoders.frozen if encoders else []), trainable)
+    encoder_trainable = list(encoders.trainable) if encoders else []
+    freeze_all_but(networks + (encoders.frozen if encoders else []), trainable + encoder_trainable)
     dtype = DTYPES[config.mixed_precision]
     if dtype != ms.float32:
         for frozen in encoders.frozen if encoders else []:
-            frozen.to(dtype)
+            frozen.to(family.vae_dtype(frozen.config, dtype) if frozen is encoders.vae else dtype)
+        for p in encoder_trainable:  # trained weights stay fp32 (master copy) in a low-precision encoder
+            p.set_dtype(ms.float32)
         method.apply_precision(unet, trainable, dtype)
     if cpu_rewrites:
         for network in networks:
@@ -62,13 +68,31 @@ def build_step(config, method: Method, unet, loss: DiffusionLoss, learning_rate:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if encoders is None:
-        network = LatentTrainNet(unet, loss, method.controlled_unet)
+        network = LatentTrainNet(unet, loss, method.controlled_unet, family)
     else:
         network = LatentDiffusionTrainNet(unet, encoders.vae, encoders.prompt_encoder, encoders.latent_scaling, loss,
-                                          method.controlled_unet)
+                                          method.controlled_unet, family, trains_text=bool(encoder_trainable))
     if share_blocks:
         share_repeated_blocks(network)  # the networks are final: blocks are keyed by their structure
-    optimizer = build_optimizer(config.optimizer, trainable, learning_rate, config)
+    groups = [ParamGroup(trainable, name=method.name)]
+    if encoder_trainable:
+        groups.append(text_group(config, encoder_trainable))
+    optimizer = build_optimizer(config.optimizer, groups, learning_rate, config)
     train_step = build_train_step(network, optimizer, config.mixed_precision, config.max_grad_norm,
-                                  config.gradient_accumulation_steps, config.jit_level)
-    return BuiltStep(train_step, trainable)
+                                  config.gradient_accumulation_steps, config.jit_level,
+                                  use_ema=getattr(config, "use_ema", False))
+    return BuiltStep(train_step, trainable + encoder_trainable)
+
+
+TEXT_GROUP = 1  # the optimizer group of what trains in the text encoders, after the method's weights
+
+
+def text_lr_ratio(config) -> float:
+    """text_encoder_lr as a multiple of learning_rate: the text side follows the same schedule."""
+    return (config.text_encoder_lr or config.learning_rate) / config.learning_rate
+
+
+def text_group(config, params) -> ParamGroup:
+    """The text side (new token rows, text-encoder LoRA) at text_encoder_lr with its weight decay."""
+    return ParamGroup(params, lr_ratio=text_lr_ratio(config), weight_decay=config.adam_weight_decay_text_encoder,
+                      name="text encoder")

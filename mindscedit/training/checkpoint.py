@@ -1,11 +1,13 @@
 """Checkpoints that are either complete or absent.
 
 A checkpoint is a folder `checkpoint-<step>` holding the method's weights (loadable on their own),
-`training_state.safetensors` (trainable weights, the optimizer's state, loss scale) and,
+`training_state.safetensors` (trainable weights, the optimizer's state, loss scale, and with
+use_ema the averaged weights, `ema/<weight path>`) and,
 written last, `state.json`. It is written under a temporary name and renamed into place only
 when complete, so a crash, a kill or a full disk mid-save leaves the previous checkpoint intact.
 """
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +21,8 @@ from safetensors.numpy import save_file
 
 from ..errors import UserError
 from ..tuners.weights_file import read_weights
+
+logger = logging.getLogger("mindscedit")
 
 STATE_FILE = "state.json"
 TRAINING_STATE_FILE = "training_state.safetensors"
@@ -138,9 +142,12 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str]) -> Op
     return path
 
 
+EMA_PREFIX = "ema/"
+
+
 def _named_state_parameters(train_step) -> Dict[str, ms.Parameter]:
     """Everything that changes during training: trainable weights, the optimizer's state (as it
-    declares it: see optimizers.py) and the loss scaler's.
+    declares it: see optimizers.py), the loss scaler's and the EMA of the weights (if kept).
 
     Keys use each weight's path in the training network (Parameter.name depends on how Cells
     were wrapped).
@@ -149,11 +156,14 @@ def _named_state_parameters(train_step) -> Dict[str, ms.Parameter]:
     optimizer = train_step.optimizer
     params = dict(optimizer.scalar_state())
     slots = optimizer.state_slots()
+    ema = getattr(train_step, "ema", None)
     for i, p in enumerate(optimizer.parameters):
         name = paths[id(p)]
         params[f"param/{name}"] = p
         for slot, tensors in slots.items():
             params[f"{slot}/{name}"] = tensors[i]
+        if ema is not None:
+            params[f"{EMA_PREFIX}{name}"] = ema.averages[i]
     params.update(train_step.loss_scaler_state())
     return params
 
@@ -191,6 +201,7 @@ def load_training_state(folder: str, train_step, method: Optional[str] = None, o
         raise UserError(f"checkpoint {folder} has no {TRAINING_STATE_FILE}")
     arrays, _ = read_weights(file)  # every tensor parsed and finite, before anything is set
     params = _named_state_parameters(train_step)
+    _start_missing_ema_from_weights(arrays, params, folder)
     for key, param in params.items():
         if key not in arrays:
             raise UserError(f"{file}: missing '{key}' (was it saved by another method or model?)")
@@ -199,3 +210,17 @@ def load_training_state(folder: str, train_step, method: Optional[str] = None, o
     for key, param in params.items():
         param.set_data(ms.Tensor(arrays[key], param.dtype))
     return state
+
+
+def _start_missing_ema_from_weights(arrays: dict, params: dict, folder: str) -> None:
+    """A checkpoint saved without use_ema, resumed with it: the average starts from the checkpoint's weights
+    (as a new run's starts from its first weights). One saved with some averages missing is refused as usual."""
+    ema_keys = [key for key in params if key.startswith(EMA_PREFIX)]
+    if not ema_keys or any(key in arrays for key in ema_keys):
+        return
+    logger.warning("checkpoint %s holds no EMA of the weights (saved without use_ema): the average starts from "
+                   "its weights", folder)
+    for key in ema_keys:
+        weight = "param/" + key[len(EMA_PREFIX):]
+        if weight in arrays:
+            arrays[key] = arrays[weight]

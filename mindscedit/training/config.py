@@ -62,9 +62,11 @@ def _default_compile_cache() -> str:
     return os.environ.get("MINDSCEDIT_COMPILE_CACHE", os.path.join("~", ".cache", "mindscedit", "compile"))
 
 
-RUN, DATA, OPTIM, LORA, TUNER, CONTROL, DEVICE, OUTPUT, VALIDATION = (
-    "what to train", "data", "optimisation", "LoRA (method lora)", "SC-Tuner and CSC-Tuner (methods scedit, "
-    "scedit_control)", "controllable generation (method scedit_control)", "runtime", "outputs", "validation images",
+PIVOTAL = "pivotal tuning (new tokens trained with DreamBooth, as diffusers' advanced scripts)"
+RUN, DATA, OPTIM, EMA, LORA, TUNER, CONTROL, DEVICE, OUTPUT, VALIDATION = (
+    "what to train", "data", "optimisation", "EMA of the weights (diffusers' EMAModel)", "LoRA (method lora)",
+    "SC-Tuner and CSC-Tuner (methods scedit, scedit_control)", "controllable generation (method scedit_control)",
+    "runtime", "outputs", "validation (images and held-out loss)",
 )
 
 
@@ -80,6 +82,43 @@ class TrainConfig:
                                             "a folder of them", group=DATA)
     dataset_name: Optional[str] = setting(None, "a downloaded dataset folder (same formats as train_data_dir)",
                                           group=DATA)
+    instance_data_dir: Optional[str] = setting(
+        None, "DreamBooth: a folder of the subject's images, each captioned instance_prompt (a folder with "
+        "metadata.jsonl, parquet or a CSV keeps its own captions)", group=DATA)
+    instance_prompt: Optional[str] = setting(None, "DreamBooth: the caption of every instance image, e.g. "
+                                             "'a photo of sks dog'", group=DATA)
+    repeats: int = setting(1, "repeat the training samples this many times per epoch (before shuffling)",
+                           at_least=1, group=DATA)
+    with_prior_preservation: bool = setting(
+        False, "DreamBooth prior preservation: every batch adds as many class images (class_data_dir, generated "
+        "from the base model where missing) and the loss adds prior_loss_weight x their loss", group=DATA)
+    class_data_dir: Optional[str] = setting(None, "prior preservation: the class images' folder (filled up to "
+                                            "num_class_images)", group=DATA)
+    class_prompt: Optional[str] = setting(None, "prior preservation: the class images' prompt and caption, e.g. "
+                                          "'a photo of a dog'", group=DATA)
+    num_class_images: int = setting(100, "prior preservation: class images to have", at_least=1, group=DATA)
+    prior_loss_weight: float = setting(1.0, "prior preservation: weight of the class images' loss", at_least=0,
+                                       group=DATA)
+    sample_batch_size: int = setting(4, "prior preservation: images per sampler call when generating class "
+                                     "images", at_least=1, group=DATA)
+    train_text_encoder_ti: bool = setting(
+        False, "add new tokens for token_abstraction to every tokenizer and train their embeddings (only those "
+        "rows) with the method's weights until train_text_encoder_ti_frac of the steps", group=PIVOTAL)
+    token_abstraction: str = setting("TOK", "the word(s) prompts and captions use for the subject, comma-separated; "
+                                     "each becomes its new tokens <s0><s1>... before tokenizing", group=PIVOTAL)
+    num_new_tokens_per_abstraction: int = setting(2, "new tokens per abstraction", at_least=1, group=PIVOTAL)
+    train_text_encoder_ti_frac: float = setting(0.5, "fraction of the steps the embeddings train for; after it "
+                                                "only the method's weights do", at_least=0, group=PIVOTAL)
+    train_text_encoder: bool = setting(
+        False, "method lora: LoRA on the text encoders' attention projections too (q/k/v/out_proj; both SDXL "
+        "encoders), same rank; not with train_text_encoder_ti", group=PIVOTAL)
+    train_text_encoder_frac: float = setting(1.0, "fraction of the steps the text-encoder LoRA trains for",
+                                             at_least=0, group=PIVOTAL)
+    text_encoder_lr: Optional[float] = setting(None, "learning rate of what trains on the text side (new embeddings "
+                                               "or text-encoder LoRA), on the same schedule (none: learning_rate; "
+                                               "scale_lr scales both)", above=0, group=PIVOTAL)
+    adam_weight_decay_text_encoder: Optional[float] = setting(None, "weight decay of what trains on the text side "
+                                                              "(none: adam_weight_decay)", at_least=0, group=PIVOTAL)
     image_column: str = setting("image", "column holding the images", group=DATA)
     caption_column: str = setting("text", "column holding the captions", group=DATA)
     resolution: int = setting(512, "training image side in pixels (a multiple of 8)", group=DATA)
@@ -138,10 +177,30 @@ class TrainConfig:
     snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5.0 is usual; none: plain MSE)",
                                          above=0, group=OPTIM)
     noise_offset: float = setting(0.0, "noise offset (0.05-0.1 darkens/brightens better)", at_least=0, group=OPTIM)
+    do_edm_style_training: bool = setting(False, "EDM-style training (Karras et al. 2022): noise at the schedule's "
+                                          "sigmas, preconditioned input and output, loss on the denoised latents; "
+                                          "always on for a model folder with an EDM scheduler", group=OPTIM)
     prediction_type: Optional[str] = setting(None, "training target (none: the model's scheduler config)",
                                              choices=("epsilon", "v_prediction"), group=OPTIM)
     max_nonfinite_steps: int = setting(20, "stop (exit 1) after this many non-finite steps in a row", at_least=1,
                                        group=OPTIM)
+
+    use_ema: bool = setting(False, "keep an exponential moving average of the trained weights, updated every step "
+                            "the optimizer applies; the final weights are the average, the raw ones go to "
+                            "output_dir/raw", group=EMA)
+    ema_decay: float = setting(0.9999, "the average's largest decay", at_least=0, below=1, group=EMA, section="ema",
+                               key="decay")
+    ema_min_decay: float = setting(0.0, "the average's smallest decay (after update_after_step)", at_least=0,
+                                   below=1, group=EMA, section="ema", key="min_decay")
+    ema_update_after_step: int = setting(0, "the average copies the weights (decay 0) for this many steps first",
+                                         at_least=0, group=EMA, section="ema", key="update_after_step")
+    ema_use_warmup: bool = setting(False, "decay 1 - (1 + k / ema_inv_gamma)^-ema_power at step k after "
+                                   "update_after_step; false: (1 + k) / (10 + k)", group=EMA, section="ema",
+                                   key="use_warmup")
+    ema_inv_gamma: float = setting(1.0, "warm-up's inverse multiplicative factor", above=0, group=EMA,
+                                   section="ema", key="inv_gamma")
+    ema_power: float = setting(2 / 3, "warm-up's exponent (2/3 for long runs, 3/4 for short ones)", above=0,
+                               group=EMA, section="ema", key="power")
 
     rank: int = setting(4, "LoRA rank", at_least=1, group=LORA, section="lora")
     lora_alpha: Optional[float] = setting(None, "LoRA alpha (none: the rank)", above=0, group=LORA, section="lora",
@@ -192,17 +251,23 @@ class TrainConfig:
 
     validation_prompt: List[str] = setting(help="prompt sampled every validation_steps on rank 0 (repeatable)",
                                            group=VALIDATION, default_factory=list)
-    validation_steps: int = setting(100, "sample the validation prompts every this many steps", at_least=1,
-                                    group=VALIDATION)
+    validation_steps: int = setting(100, "sample the validation prompts (and compute the held-out loss) every this "
+                                    "many steps", at_least=1, group=VALIDATION)
     num_validation_images: int = setting(4, "images per validation prompt", at_least=1, group=VALIDATION)
     validation_image: List[str] = setting(
         help="scedit_control: the condition image of the validation prompts, one for all or one per prompt "
              "(an edge map for canny: `mindscedit annotate` makes one; repeatable)",
         group=VALIDATION, default_factory=list)
+    validation_use_ema: bool = setting(False, "validate (images and held-out loss) with the EMA weights (needs "
+                                       "use_ema)", group=VALIDATION)
+    validation_loss_samples: Optional[int] = setting(
+        None, "hold out this many samples (chosen with the seed before max_train_samples, never trained on) and log "
+        "their loss, with fixed noise and timesteps, every validation_steps and at the end (none: no held-out loss)",
+        at_least=1, group=VALIDATION)
 
     @property
     def data_source(self) -> str:
-        return self.train_data_dir or self.dataset_name
+        return self.train_data_dir or self.dataset_name or self.instance_data_dir
 
     @property
     def tensorboard_dir(self) -> str:
@@ -355,17 +420,55 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
 
     _check_declared(config)
     _check(config.pretrained_model_name_or_path is not None, "pretrained_model_name_or_path is required")
-    _check(config.data_source is not None, "one of train_data_dir or dataset_name is required")
+    sources = [name for name in ("train_data_dir", "dataset_name", "instance_data_dir") if getattr(config, name)]
+    _check(len(sources) == 1, "one of train_data_dir, dataset_name or instance_data_dir is required" if not sources
+           else f"give one data source, not {' and '.join(sources)}")
+    _check(not config.instance_data_dir or bool(config.instance_prompt and config.instance_prompt.strip()),
+           "instance_data_dir needs instance_prompt (the caption of every instance image)")
+    if config.with_prior_preservation:
+        _check(bool(config.class_data_dir), "with_prior_preservation needs class_data_dir (the class images' folder)")
+        _check(bool(config.class_prompt and config.class_prompt.strip()),
+               "with_prior_preservation needs class_prompt (e.g. 'a photo of a dog')")
+        # The held-out forward takes one sample at a time; a batch of one has no class half to split off.
+        _check(config.validation_loss_samples is None,
+               "validation_loss_samples is not available with with_prior_preservation")
+    _check_pivotal_tuning(config)
     _check(config.resolution > 0 and config.resolution % 8 == 0,
            f"resolution must be a positive multiple of 8, got {config.resolution}")
     _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
     # Prodigy divides by sqrt(v) + d * eps, and v is 0 wherever a gradient has been 0 (LoRA's A while B is 0).
     _check(config.optimizer != "prodigy" or config.adam_epsilon > 0,
            f"adam_epsilon must be > 0 with --optimizer prodigy, got {config.adam_epsilon}")
+    _check(not (config.do_edm_style_training and config.snr_gamma is not None),
+           "snr_gamma: Min-SNR weighting is not defined for EDM-style training (do_edm_style_training); unset one")
+    _check(config.ema_min_decay <= config.ema_decay,
+           f"ema_min_decay ({config.ema_min_decay}) is above ema_decay ({config.ema_decay})")
+    _check(config.use_ema or not config.validation_use_ema, "validation_use_ema needs use_ema")
     method_class(config.method).check(config)
     if device_target == "CPU":
         _check(config.jit_level != "O2", "jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
         _check(config.mixed_precision != "bf16", BF16_ON_CPU)
+
+
+def _check_pivotal_tuning(config: TrainConfig) -> None:
+    """What trains on the text side: pivotal tuning's new embeddings or text-encoder LoRA, not both (as in
+    diffusers' advanced scripts), at text_encoder_lr."""
+    _check(not (config.train_text_encoder_ti and config.train_text_encoder),
+           "train_text_encoder_ti and train_text_encoder: choose one (pivotal tuning trains new token embeddings, "
+           "train_text_encoder LoRA on the encoders)")
+    if not (config.train_text_encoder_ti or config.train_text_encoder):
+        for name in ("text_encoder_lr", "adam_weight_decay_text_encoder"):
+            _check(getattr(config, name) is None, f"{name} applies to the text side: set train_text_encoder_ti "
+                   "(pivotal tuning) or train_text_encoder (text-encoder LoRA) too")
+    for name in ("train_text_encoder_ti_frac", "train_text_encoder_frac"):
+        _check(getattr(config, name) <= 1, f"{name} must be <= 1, got {getattr(config, name)}")
+    _check(config.optimizer != "prodigy" or config.text_encoder_lr in (None, config.learning_rate),
+           f"text_encoder_lr {config.text_encoder_lr} with --optimizer prodigy: Prodigy estimates one step size "
+           "for all weights on one learning rate; give it learning_rate's value (1.0) or leave it unset")
+    if config.train_text_encoder_ti:
+        words = [w.strip() for w in config.token_abstraction.split(",")]
+        _check(all(words) and all(" " not in w for w in words),
+               f"token_abstraction: '{config.token_abstraction}' must be words without spaces, comma-separated")
 
 
 def _help_text(f) -> str:
@@ -380,6 +483,8 @@ def _help_text(f) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(default, bool):
         parts.append(f"default: {str(default).lower()}")
+    elif isinstance(default, float):
+        parts.append(f"default: {default:g}")
     elif default not in (None, [], ""):
         parts.append(f"default: {','.join(default) if isinstance(default, list) else default}")
     if meta["section"]:

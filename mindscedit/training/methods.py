@@ -7,8 +7,9 @@ rewrites may touch, says how validation samples with it and writes its weights. 
 the step builder and the benchmark ask the method and never test its name.
 
 vanilla: the whole UNet; saves the UNet in diffusers format (unet/).
-lora:    LoRA/DoRA adapters on attention (and optionally feed-forward) layers; saves
-         pytorch_lora_weights.safetensors (diffusers/peft layout).
+lora:    LoRA/DoRA adapters on attention (and optionally feed-forward) layers, and on the text
+         encoders' attention with train_text_encoder; saves pytorch_lora_weights.safetensors
+         (diffusers/peft layout, text encoders under text_encoder. / text_encoder_2.).
 scedit:  one SC-Tuner per decoder skip; saves adapter_model.safetensors + adapter_config.json
          (ms-swift layout). The encoder is cut out of backward.
 scedit_control: a CSC-Tuner for one condition (canny, depth, ...); saves csc_tuner.safetensors
@@ -17,6 +18,7 @@ controlnet: the ControlNet baseline the CSC-Tuner is compared with; benchmark on
 
 A new method is a subclass here plus its entry in METHODS (and its options in config.py).
 """
+import dataclasses
 import os
 from typing import Dict, List, Tuple, Type
 
@@ -24,7 +26,7 @@ import mindspore as ms
 
 from ..errors import UserError
 from ..tuners.csc_tuner import ControlledUNet, CSCTunerConfig, build_csc_tuner, save_csc_tuner
-from ..tuners.lora import LoRAConfig, inject_lora, save_lora
+from ..tuners.lora import TEXT_ENCODER_TARGETS, LoRAConfig, inject_lora, save_lora
 from ..tuners.sc_tuner import SCTunerConfig, inject_sc_tuners, save_sc_tuners, sc_tuner_parameters
 
 
@@ -33,6 +35,7 @@ class Method:
     options: Tuple[str, ...] = ()  # the config fields this method reads
     takes_condition = False  # each sample carries a condition image, and the step takes it
     trainable_by_cli = True  # False: measured by the benchmark, not offered by `train`
+    trains_text_encoders = False  # offers train_text_encoder (prepare_text_encoders)
 
     def __init__(self, config):
         self.config = config
@@ -44,6 +47,9 @@ class Method:
         """Method-specific checks of a config, before anything is loaded (one line naming the key)."""
         if config.validation_image and not cls.takes_condition:
             raise UserError(f"validation_image is for method scedit_control, not {config.method}")
+        if config.train_text_encoder and not cls.trains_text_encoders:
+            raise UserError(f"train_text_encoder trains LoRA on the text encoders beside the UNet's: method lora, "
+                            f"not {config.method}")
 
     @property
     def condition_spec(self):
@@ -52,6 +58,11 @@ class Method:
 
     def prepare(self, unet) -> List[ms.Parameter]:
         """Inject what the method adds; return the parameters to train (everything else is frozen)."""
+        raise NotImplementedError
+
+    def prepare_text_encoders(self, text_encoders: Dict[str, object]) -> List[ms.Parameter]:
+        """train_text_encoder (methods with trains_text_encoders): inject into the text encoders
+        ({component: encoder}); return what trains there."""
         raise NotImplementedError
 
     def apply_precision(self, unet, trainable: List[ms.Parameter], dtype) -> None:
@@ -72,6 +83,11 @@ class Method:
     def save_weights(self, unet, folder: str) -> None:
         raise NotImplementedError
 
+    # How the saved weights are used: the PyTorch side (Python) and `mindscedit sample`'s flags, with
+    # OUT standing for the run's output folder (the model card fills them in).
+    pytorch_usage = ""
+    sample_flags = ""
+
 
 class Vanilla(Method):
     name = "vanilla"
@@ -86,9 +102,14 @@ class Vanilla(Method):
     def save_weights(self, unet, folder):
         unet.save_pretrained(os.path.join(folder, "unet"))
 
+    pytorch_usage = ('from diffusers import UNet2DConditionModel\n'
+                     'pipe.unet = UNet2DConditionModel.from_pretrained("OUT/unet")')
+    sample_flags = "--unet OUT"
+
 
 class LoRA(Method):
     name = "lora"
+    trains_text_encoders = True
     options = ("rank", "lora_alpha", "lora_target_modules", "use_dora")
 
     @property
@@ -97,11 +118,31 @@ class LoRA(Method):
         return LoRAConfig(rank=c.rank, alpha=c.lora_alpha, target_modules=list(c.lora_target_modules),
                           use_dora=c.use_dora)
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.text_encoders = {}  # {component: encoder} with LoRA of their own (train_text_encoder)
+
     def prepare(self, unet):
         return inject_lora(unet, self.lora_config)
 
+    def prepare_text_encoders(self, text_encoders):
+        """LoRA of the UNet's rank, alpha and DoRA setting on each text encoder's attention projections. Their
+        Parameters are named after their component: both SDXL encoders have the same layer names."""
+        config = dataclasses.replace(self.lora_config, target_modules=list(TEXT_ENCODER_TARGETS))
+        params = []
+        for component, encoder in text_encoders.items():
+            injected = inject_lora(encoder, config)
+            for p in injected:
+                p.name = f"{component}.{p.name}"
+            params += injected
+        self.text_encoders = dict(text_encoders)
+        return params
+
     def save_weights(self, unet, folder):
-        save_lora(unet, folder, self.lora_config)
+        save_lora(unet, folder, self.lora_config, text_encoders=self.text_encoders)
+
+    pytorch_usage = 'pipe.load_lora_weights("OUT")  # diffusers'
+    sample_flags = "--lora OUT/pytorch_lora_weights.safetensors"
 
 
 class SCEdit(Method):
@@ -118,6 +159,9 @@ class SCEdit(Method):
 
     def save_weights(self, unet, folder):
         save_sc_tuners(unet, folder, self.tuner_config)
+
+    pytorch_usage = 'from swift.tuners import Swift\npipe.unet = Swift.from_pretrained(pipe.unet, "OUT")'
+    sample_flags = "--scedit OUT"
 
 
 class _Controlled(Method):
@@ -141,6 +185,9 @@ class _Controlled(Method):
     def check(cls, config):
         from ..data.conditions import ANNOTATORS
 
+        if config.with_prior_preservation:
+            raise UserError(f"with_prior_preservation is for text-to-image methods, not {config.method} (class "
+                            "images have no condition)")
         if not config.conditioning_image_column and config.control_type not in ANNOTATORS:
             raise UserError(f"control_type '{config.control_type}' is not built in ({', '.join(ANNOTATORS)}); "
                             "give its images with conditioning_image_column")
@@ -191,6 +238,9 @@ class SCEditControl(_Controlled):
 
     def save_weights(self, unet, folder):
         save_csc_tuner(self.tuner, folder, self.tuner_config, self.config.control_type)
+
+    pytorch_usage = "# scepter: OUT/csc_tuner.safetensors holds scepter's CSC-Tuner keys"
+    sample_flags = "--csc_tuner OUT --control_image CONDITION.png"
 
 
 class ControlNet(_Controlled):

@@ -12,10 +12,16 @@ An optimizer here is a MindSpore Optimizer with two additions the rest of the pa
   the optimizer would make the compiled step depend on the run's length, and a resumed run with
   more steps would compile it again instead of loading it from the compile cache.
 
+Weights come in `ParamGroup`s: the method's weights first, then any others the run trains
+(pivotal tuning's new token embeddings) with their own learning rate, a fixed multiple of the
+schedule's, and weight decay. `set_group_lr_scale` changes a group's multiple between steps
+without recompiling (0 stops a group: its weights, and its state, stay exactly as they are); a
+run of one group compiles to the same graph as before groups existed.
+
 A new optimizer is a class with those, a builder that reads its settings from the training
 config, and one entry in OPTIMIZERS. AdamW is here; Prodigy, longer, in prodigy.py.
 """
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import mindspore as ms
 from mindspore import ops
@@ -23,7 +29,9 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindone.trainers.adamw_mf import AdamW
 
+from .param_groups import GroupScales, ParamGroup, as_groups, flatten_groups
 from .prodigy import prodigy_from_config
+
 
 
 _fused_adamw = C.MultitypeFuncGraph("fused_adamw")
@@ -41,7 +49,19 @@ def _fused_adamw_update(apply, grad_factor, lr, beta1, beta2, eps, decay, param,
     return _adam_weight_decay(param, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, grad)
 
 
-class GatedAdamW(AdamW):
+_fused_adamw_per_weight = C.MultitypeFuncGraph("fused_adamw_per_weight")
+
+
+@_fused_adamw_per_weight.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                                  "Tensor", "Tensor", "Tensor")
+def _fused_adamw_update_per_weight(grad_factor, beta1, beta2, eps, apply, lr, decay, param, grad, exp_avg, exp_avg_sq):
+    """As _fused_adamw_update, gated per weight: a weight of a group at lr 0 keeps its moments too."""
+    one = ms.Tensor(1.0, ms.float32)
+    return _fused_adamw_update(apply, grad_factor, lr, ops.select(apply, beta1, one), ops.select(apply, beta2, one),
+                               eps, decay, param, grad, exp_avg, exp_avg_sq)
+
+
+class GatedAdamW(AdamW, GroupScales):
     """mindone's AdamW (bias-corrected, decoupled decay, as torch.optim.AdamW) with an `apply`
     flag: when it is False the weights, moments and step count all stay as they were.
 
@@ -52,8 +72,14 @@ class GatedAdamW(AdamW):
     give w - lr' * (m / (sqrt(v) + eps') + decay' * w), which is torch's
     w * (1 - lr * decay) - lr / c1 * m / (sqrt(v / c2) + eps). A gated-off step runs the kernel with
     lr' = 0 and both betas 1, which leaves w, m and v exactly as they were. `grad_factor` scales
-    every gradient first (the branch-free step's unscaling and clipping).
+    every gradient first (the branch-free step's unscaling and clipping). With several groups, each
+    weight gets its group's lr' and decay' (the same kernel); a group at lr 0 stays as it was.
     """
+
+    def __init__(self, groups: Sequence[ParamGroup], learning_rate, betas, eps, weight_decay):
+        super().__init__(flatten_groups(groups), learning_rate=learning_rate, betas=betas, eps=eps,
+                         weight_decay=weight_decay)
+        self.init_groups(groups, weight_decay)
 
     def construct(self, gradients, apply=True, grad_factor=1.0):
         apply = ops.logical_and(ms.Tensor(True), apply)  # a bool Tensor whether given a constant or not
@@ -64,19 +90,25 @@ class GatedAdamW(AdamW):
         sqrt_correction2 = ops.sqrt(1.0 - ops.pow(beta2, step))
         one, zero = ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)
         lr = ops.select(apply, self.get_lr().reshape(()) * sqrt_correction2 / correction1, zero)
-        updates = self.hyper_map(
-            F.partial(
-                _fused_adamw,
-                apply,
-                grad_factor,
-                lr,
-                ops.select(apply, beta1, one),
-                ops.select(apply, beta2, one),
-                self.eps.reshape(()) * sqrt_correction2,
-                self.weight_decay * correction1 / sqrt_correction2,
-            ),
-            self._parameters, self.flatten_gradients(gradients), self.exp_avg, self.exp_avg_sq,
-        )
+        gated_beta1, gated_beta2 = ops.select(apply, beta1, one), ops.select(apply, beta2, one)
+        eps = self.eps.reshape(()) * sqrt_correction2
+        if self.num_groups == 1:  # a constant of the graph: one group compiles to one lr and decay
+            updates = self.hyper_map(
+                F.partial(_fused_adamw, apply, grad_factor, lr, gated_beta1, gated_beta2, eps,
+                          self.weight_decay * correction1 / sqrt_correction2),
+                self._parameters, self.flatten_gradients(gradients), self.exp_avg, self.exp_avg_sq,
+            )
+        else:
+            decay_factor = correction1 / sqrt_correction2
+            scales = self.per_weight_lr_scales()
+            applies = tuple(ops.logical_and(apply, scale > 0) for scale in scales)
+            lrs = tuple(lr * scale for scale in scales)
+            decays = tuple(decay_factor * decay for decay in self.param_decays)
+            updates = self.hyper_map(
+                F.partial(_fused_adamw_per_weight, grad_factor, beta1, beta2, eps),
+                applies, lrs, decays, self._parameters, self.flatten_gradients(gradients), self.exp_avg,
+                self.exp_avg_sq,
+            )
         ops.assign_add(self.global_step, apply.astype(self.global_step.dtype))
         return updates
 
@@ -89,11 +121,11 @@ class GatedAdamW(AdamW):
         return {"optimizer/global_step": self.global_step}
 
 
-def adamw(params: List[ms.Parameter], learning_rate: float, beta1: float = 0.9, beta2: float = 0.999,
+def adamw(params, learning_rate: float, beta1: float = 0.9, beta2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 1e-2) -> GatedAdamW:
-    """AdamW (decoupled weight decay, bias-corrected, as torch.optim.AdamW); `learning_rate` is the
-    first step's (the step sets each step's, see the module docstring)."""
-    return GatedAdamW(params, learning_rate=float(learning_rate), betas=(beta1, beta2), eps=eps,
+    """AdamW (decoupled weight decay, bias-corrected, as torch.optim.AdamW) on weights or ParamGroups;
+    `learning_rate` is the first step's (the step sets each step's, see the module docstring)."""
+    return GatedAdamW(as_groups(params), learning_rate=float(learning_rate), betas=(beta1, beta2), eps=eps,
                       weight_decay=weight_decay)
 
 
@@ -102,9 +134,9 @@ def _adamw_from_config(params, learning_rate, config) -> GatedAdamW:
                  config.adam_weight_decay)
 
 
-# name -> builder(trainable parameters, first learning rate, training config)
+# name -> builder(trainable weights or ParamGroups, first learning rate, training config)
 OPTIMIZERS: Dict[str, Callable] = {"adamw": _adamw_from_config, "prodigy": prodigy_from_config}
 
 
-def build_optimizer(name: str, params: List[ms.Parameter], learning_rate: float, config):
-    return OPTIMIZERS[name](params, learning_rate, config)
+def build_optimizer(name: str, params, learning_rate: float, config):
+    return OPTIMIZERS[name](as_groups(params), learning_rate, config)

@@ -22,21 +22,26 @@ taken from the weight at the first applied step while k is 0, which is that valu
 were loaded after the optimizer was built, since nothing moves a weight before the first progress.
 
 One d for all trainable weights: r and sum |s|_1 run over every weight, as in prodigyopt 1.1.x,
-which shares one d across its parameter groups. The package trains one group on one lr schedule.
-prodigyopt computes dlr once, from the largest group lr, and refuses a group whose lr is neither
-that nor 0 (a text encoder at another lr); a list of parameter groups is refused here.
+which shares one d across its parameter groups. Groups (param_groups.py: the method's weights, pivotal
+tuning's token embeddings) share the schedule's lr, as prodigyopt computes dlr once and refuses a
+group whose lr is neither the largest nor 0; each keeps its own weight decay. A group set to lr 0
+(`set_group_lr_scale`, the end of pivotal tuning) drops out entirely: no update, no part in r or
+|s|_1, its m, v and s kept. prodigyopt differs there: a group at lr 0 stops accumulating but still
+steps by the shared dlr with its last m, so its weights keep drifting.
 
 A gated-off step (non-finite gradients) changes nothing, d included: its gradient is replaced by
 zeros and every update's coefficients by those of the identity (betas 1, increments 0, step 0).
 """
 import logging
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
+
+from .param_groups import GroupScales, as_groups, flatten_groups
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,31 @@ def _accumulate_one(coupled, apply, take_p0, grad_factor, decay, beta1, m_coef, 
     return F.depend(sums, ops.assign(p0, start))
 
 
+_accumulate_per_weight = C.MultitypeFuncGraph("prodigy_accumulate_per_weight")
+_step_per_weight = C.MultitypeFuncGraph("prodigy_step_per_weight")
+
+
+@_accumulate_per_weight.register("Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                                 "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                                 "Tensor")
+def _accumulate_one_in_group(coupled, apply, take_p0, grad_factor, beta1, m_coef, beta2, v_coef, beta3, s_coef,
+                             on, decay, param, grad, p0, exp_avg, exp_avg_sq, s):
+    """Step 1 for a weight of a group that is `on` (lr above 0) or not (every coefficient the identity's)."""
+    one, zero = _scalar(1.0), _scalar(0.0)
+    sums = _accumulate_one(coupled, ops.logical_and(apply, on), take_p0, grad_factor, decay,
+                           ops.select(on, beta1, one), ops.select(on, m_coef, zero), ops.select(on, beta2, one),
+                           ops.select(on, v_coef, zero), ops.select(on, beta3, one), ops.select(on, s_coef, zero),
+                           param, grad, p0, exp_avg, exp_avg_sq, s)
+    return sums * on.astype(ms.float32)  # a group at lr 0 adds nothing to r or |s|_1
+
+
+@_step_per_weight.register("Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _step_one_in_group(decoupled, m_lr, step_lr, d_eps, on, decay, param, exp_avg, exp_avg_sq):
+    zero = _scalar(0.0)
+    return _step_one(decoupled, ops.select(on, m_lr, zero), ops.select(on, decay * step_lr, zero), d_eps, param,
+                     exp_avg, exp_avg_sq)
+
+
 @_step.register("Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _step_one(decoupled, m_lr, decay_lr, d_eps, param, exp_avg, exp_avg_sq):
     """Step 3 for one weight; m_lr and decay_lr are 0 when the step made no progress. The decay
@@ -79,7 +109,7 @@ def _scalar(value, dtype=ms.float32) -> ms.Tensor:
     return ms.Tensor(value, dtype)
 
 
-class GatedProdigy(nn.Optimizer):
+class GatedProdigy(nn.Optimizer, GroupScales):
     """Prodigy with the branch-free step's `apply` gate, `grad_factor` and step-set learning rate
     (optimizers.py). Its state: p0, m, v, s per weight; d, d_max, r (prodigyopt's d_numerator),
     k and the count of applied steps as scalars, all in checkpoints, so a resumed run continues
@@ -89,10 +119,14 @@ class GatedProdigy(nn.Optimizer):
                  weight_decay: float = 0.0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf):
-        if any(isinstance(p, dict) for p in params):
-            raise ValueError("Prodigy estimates one d from every weight on one learning-rate schedule: "
-                             "pass the weights, not parameter groups")
-        super().__init__(learning_rate, params, weight_decay=0.0)  # decay is applied below, as prodigyopt does
+        groups = as_groups(params)
+        other = [g.name for g in groups if g.lr_ratio != 1.0]
+        if other:
+            raise ValueError(f"Prodigy estimates one d for all weights on one learning rate: the {other[0]} group's "
+                             "learning rate must be the others' (prodigyopt refuses it too)")
+        # decay is applied below, as prodigyopt does
+        super().__init__(learning_rate, flatten_groups(groups), weight_decay=0.0)
+        self.init_groups(groups, weight_decay)
         beta3 = math.sqrt(betas[1]) if beta3 is None else beta3
         # Constants of the graph: public attributes, so the compile cache's key sees them. 1 - beta
         # and log(beta) are taken in double precision: 1 - float32(0.999) is 1.3e-5 off 0.001.
@@ -124,13 +158,24 @@ class GatedProdigy(nn.Optimizer):
         d, k = self.d, self.k
         dlr = d * lr * self._bias_correction(k)
         s_step = (d / self.d0) * (d if self.safeguard_warmup else dlr)
-        sums = ops.addn(self.hyper_map(
-            F.partial(_accumulate, not self.decouple, apply, ops.logical_and(apply, k == 0), grad_factor, self.decay,
-                      ops.select(active, self.beta1, one), ops.select(active, d * self.one_minus_beta1, zero),
-                      ops.select(active, self.beta2, one), ops.select(active, d * d * self.one_minus_beta2, zero),
-                      ops.select(active, self.beta3, one), ops.select(active, s_step, zero)),
-            self._parameters, self.flatten_gradients(gradients), self.p0, self.exp_avg, self.exp_avg_sq, self.s,
-        ))
+        # Spelled out: star-unpacking a tuple of Parameters does not compile.
+        beta1, m_coef = ops.select(active, self.beta1, one), ops.select(active, d * self.one_minus_beta1, zero)
+        beta2, v_coef = ops.select(active, self.beta2, one), ops.select(active, d * d * self.one_minus_beta2, zero)
+        beta3, s_coef = ops.select(active, self.beta3, one), ops.select(active, s_step, zero)
+        take_p0 = ops.logical_and(apply, k == 0)
+        gradients = self.flatten_gradients(gradients)
+        if self.num_groups == 1:  # a constant of the graph: one group compiles as before groups existed
+            sums = ops.addn(self.hyper_map(
+                F.partial(_accumulate, not self.decouple, apply, take_p0, grad_factor, self.decay,
+                          beta1, m_coef, beta2, v_coef, beta3, s_coef),
+                self._parameters, gradients, self.p0, self.exp_avg, self.exp_avg_sq, self.s))
+        else:
+            on = tuple(scale > 0 for scale in self.per_weight_lr_scales())
+            decays = tuple(_scalar(decay) for decay in self.param_decays)
+            sums = ops.addn(self.hyper_map(
+                F.partial(_accumulate_per_weight, not self.decouple, apply, take_p0, grad_factor,
+                          beta1, m_coef, beta2, v_coef, beta3, s_coef),
+                on, decays, self._parameters, gradients, self.p0, self.exp_avg, self.exp_avg_sq, self.s))
         dot, s_norm = sums[0], sums[1]
         # No |s| yet means no gradient yet: prodigyopt returns before touching r, d or the weights.
         progress = ops.logical_and(active, s_norm > 0)
@@ -141,10 +186,16 @@ class GatedProdigy(nn.Optimizer):
         new_d = ops.minimum(d_max, new_d * self.growth_rate)
         step_lr, d_after = ops.select(progress, dlr, zero), ops.select(progress, new_d, d)
         m_lr = step_lr * (d_after / d) if self.beta1_is_zero else step_lr
-        updated = self.hyper_map(
-            F.partial(_step, self.decouple, m_lr, self.decay * step_lr, d_after * self.eps),
-            self._parameters, self.exp_avg, self.exp_avg_sq,
-        )
+        if self.num_groups == 1:
+            updated = self.hyper_map(
+                F.partial(_step, self.decouple, m_lr, self.decay * step_lr, d_after * self.eps),
+                self._parameters, self.exp_avg, self.exp_avg_sq,
+            )
+        else:
+            updated = self.hyper_map(
+                F.partial(_step_per_weight, self.decouple, m_lr, step_lr, d_after * self.eps),
+                on, decays, self._parameters, self.exp_avg, self.exp_avg_sq,
+            )
         updated = F.depend(updated, ops.assign(self.d_numerator, ops.select(progress, d_numerator, self.d_numerator)))
         updated = F.depend(updated, ops.assign(self.d_max, ops.select(progress, d_max, self.d_max)))
         updated = F.depend(updated, ops.assign(self.d, d_after))
@@ -169,7 +220,7 @@ class GatedProdigy(nn.Optimizer):
                 "optimizer/prodigy_k": self.k}
 
 
-def prodigy_from_config(params: List[ms.Parameter], learning_rate: float, config) -> GatedProdigy:
+def prodigy_from_config(params, learning_rate: float, config) -> GatedProdigy:
     """Prodigy with diffusers' flags: adam_* for the betas, epsilon and weight decay, prodigy_* for the rest."""
     c = config
     if c.learning_rate <= 0.1:  # diffusers warns at the same point

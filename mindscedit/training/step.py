@@ -14,6 +14,8 @@ mindone's clipper). Per weight the graph then holds a handful of nodes for the w
 
 Both steps take the learning rate of the step as their last input and set the optimizer's from
 it: the schedule is computed by the loop, so the compiled step is the same for any run length.
+With an EMA of the weights (ema.py) the input before it is the step's EMA decay, likewise
+computed by the loop; the average moves only when the optimizer applied an update.
 """
 import os
 from typing import List, Optional
@@ -25,6 +27,8 @@ from mindspore.ops import composite as C
 from .. import runtime  # noqa: F401  (first: it imports mindone's noisy module quietly)
 from mindone.diffusers.optimization import get_scheduler
 from mindone.diffusers.training_utils import TrainStep
+
+from .ema import EMAWeights
 
 
 class SkipNonFiniteSteps(DynamicLossScaler):
@@ -68,15 +72,22 @@ class DiffusionTrainStep(TrainStep):
 
     branch_free = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ema=None, **kwargs):
         super().__init__(*args, **kwargs)
         # A plain attribute, so the compile cache key tells a dynamic scaler's graph from a fixed one's.
         self.loss_scaler_kind = type(self.grad_scaler.loss_scaler).__name__
+        self.ema = ema  # an EMAWeights of the optimizer's parameters, or None
+        self.step_inputs = 1 if ema is None else 2  # after the network's: (EMA decay,) learning rate
 
     def construct(self, *inputs):
-        """inputs: the network's, then this step's learning rate (a scalar)."""
+        """inputs: the network's, then (with an EMA) this step's EMA decay, then its learning rate."""
         self.set_learning_rate(inputs[-1])
-        return super().construct(*inputs[:-1])
+        outputs = super().construct(*inputs[:-self.step_inputs])
+        if self.ema is None:
+            return outputs
+        # The optimizer ran on this micro-step only if it ended an accumulation window with finite gradients.
+        applied = ops.logical_and(self.grad_accumulator.sync_gradients, self.grad_scaler.all_finite)
+        return ops.depend(outputs, self.ema(self.parameters, inputs[-2], ops.depend(applied, outputs)))
 
     def set_learning_rate(self, learning_rate):
         return ops.assign(self.optimizer.learning_rate, learning_rate.astype(ms.float32).reshape(()))
@@ -142,9 +153,9 @@ class BranchFreeTrainStep(DiffusionTrainStep):
         self.nonfinite_run = ms.Parameter(ms.Tensor(0, ms.int32), name="nonfinite_run", requires_grad=False)
 
     def construct(self, *inputs):
-        """inputs: the network's, then this step's learning rate (a scalar)."""
+        """inputs: the network's, then (with an EMA) this step's EMA decay, then its learning rate."""
         self.set_learning_rate(inputs[-1])
-        outputs, grads = self.forward_and_backward(*inputs[:-1])
+        outputs, grads = self.forward_and_backward(*inputs[:-self.step_inputs])
         grads = self.grad_accumulator.grad_reducer(grads)  # data-parallel mean; identity on one card
         squared_norm = ops.addn(self.square_sums(_square_sum, grads))  # of the loss-scaled gradients
         finite = ops.isfinite(squared_norm)
@@ -159,7 +170,10 @@ class BranchFreeTrainStep(DiffusionTrainStep):
         not_finite = ops.logical_not(finite).astype(ms.int32)
         ops.assign_add(self.skipped_steps, not_finite)
         ops.assign(self.nonfinite_run, (self.nonfinite_run + 1) * not_finite)
-        outputs = ops.depend(outputs, self.optimizer(grads, finite, grad_factor))
+        updated = self.optimizer(grads, finite, grad_factor)
+        outputs = ops.depend(outputs, updated)
+        if self.ema is not None:  # after the optimizer's writes: the average follows the updated weights
+            outputs = ops.depend(outputs, self.ema(self.parameters, inputs[-2], ops.depend(finite, updated)))
         outputs = ops.depend(outputs, self.grad_scaler.loss_scaler.adjust(finite))
         return (self.unscale_loss(outputs[0]),) + outputs[1:]
 
@@ -172,10 +186,12 @@ def build_train_step(
     gradient_accumulation_steps: int = 1,
     jit_level: Optional[str] = None,
     overflow_check: Optional[str] = None,
+    use_ema: bool = False,
 ) -> DiffusionTrainStep:
-    extra = {}
+    """use_ema: keep an EMA of the optimizer's parameters (the step then takes the EMA decay as an input)."""
+    extra = {"ema": EMAWeights(optimizer.parameters) if use_ema else None}
     if gradient_accumulation_steps == 1:
-        step_class, extra = BranchFreeTrainStep, {"overflow_check": overflow_check}
+        step_class, extra = BranchFreeTrainStep, dict(extra, overflow_check=overflow_check)
     else:
         step_class = DiffusionTrainStep  # mindone's step checks overflow with amp.all_finite itself
     step = step_class(

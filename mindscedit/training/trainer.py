@@ -1,4 +1,5 @@
 """The training loop: build everything from a TrainConfig, run the jitted step, log, checkpoint."""
+import contextlib
 import json
 import logging
 import os
@@ -14,14 +15,18 @@ import numpy as np
 import mindspore as ms
 from tqdm.auto import tqdm
 
-from ..data import create_dataloader, iterate_batches, load_records
-from ..losses import DiffusionLoss
-from ..models.family import refuse_added_conditions
+from ..data import create_dataloader, iterate_batches, load_instance_records, load_records
+from ..errors import UserError
+from ..losses import training_loss
+from ..models.family import trains_edm_style
 from ..models.loading import load_components
-from ..runtime import FP16_ON_CPU, Runtime, init_runtime
-from .builder import Encoders, build_step
+from ..runtime import DTYPES, FP16_ON_CPU, Runtime, init_runtime
+from ..tuners.textual_inversion import NewTokens, embeddings_file_name, new_rows_of, save_embeddings
+from .builder import TEXT_GROUP, Encoders, build_step, text_lr_ratio
 from .compile_cache import compile_train_step
 from .config import TrainConfig, to_dict, validate
+from .ema import ema_decay_from_config
+from .held_out import HELD_OUT_STREAM, HeldOutLoss, split_held_out
 from .checkpoint import (
     atomic_folder,
     load_training_state,
@@ -31,6 +36,8 @@ from .checkpoint import (
     save_training_state,
 )
 from .methods import get_method
+from .model_card import write_model_card
+from .prior import generate_class_images, paired_batches
 from .plan import plan_run, resolve_max_train_steps, select_samples
 from .reporting import TensorBoardReporter, plot_after_training, require_tensorboard
 from .run_lock import OutputLock, check_checkpoints_fit, check_output_dir_free
@@ -38,6 +45,7 @@ from .step import lr_schedule
 
 logger = logging.getLogger("mindscedit")
 
+RAW_WEIGHTS_FOLDER = "raw"  # with use_ema: output_dir holds the averaged weights, output_dir/raw the trained ones
 
 
 @dataclass
@@ -183,32 +191,48 @@ class Trainer:
         c = self.config
         # Data first: a bad dataset path fails before minutes of model loading.
         self.num_bad_rows = 0
-        self.records = load_records(
-            c.data_source, c.image_column, c.caption_column,
-            on_bad_record=self._skip_bad_row if c.on_bad_sample == "skip" else None,
-            condition_column=c.conditioning_image_column if self.method.takes_condition else None,
-        )
+        self.records = self._read_records()
+        self.held_out_records = []
+        if c.validation_loss_samples:  # set aside first: neither the subset nor any card draws from them
+            self.held_out_records, self.records = split_held_out(self.records, c.validation_loss_samples, c.seed)
+            self._info("validation_loss_samples %d: %d samples held out with seed %d, never trained on",
+                       c.validation_loss_samples, len(self.held_out_records), c.seed)
         if c.max_train_samples is not None and c.max_train_samples < len(self.records):
             self.records = select_samples(self.records, c.max_train_samples, c.seed)
             self._info("max_train_samples %d: training on %d samples chosen with seed %d (before splitting "
                        "between cards)", c.max_train_samples, len(self.records), c.seed)
+        if c.repeats > 1:  # after the held-out split: no copy of a held-out sample is trained on
+            self.records = self.records * c.repeats
+            self._info("repeats %d: %d samples per epoch", c.repeats, len(self.records))
         self.plan = plan_run(c, len(self.records), self.runtime.world_size)
         for message in self.plan.messages:
             self._info("%s", message)
-        refuse_added_conditions(c.pretrained_model_name_or_path, "training")
+        self.new_tokens = self._new_tokens() if c.train_text_encoder_ti else None
+        self.class_records = self._class_records() if c.with_prior_preservation else None
+        folder_is_edm = trains_edm_style(c.pretrained_model_name_or_path)
+        if folder_is_edm and c.snr_gamma is not None:
+            raise UserError(f"snr_gamma: Min-SNR weighting is not defined for EDM-style training, which "
+                            f"{c.pretrained_model_name_or_path} (an EDM scheduler) always uses; leave snr_gamma unset")
         self.components = comps = load_components(c.pretrained_model_name_or_path)
         self.family = comps.family
         prediction_type = c.prediction_type or comps.prediction_type
-        alphas_cumprod = comps.noise_scheduler.alphas_cumprod.asnumpy()
-        self.num_train_timesteps = len(alphas_cumprod)
+        prior_split = (c.train_batch_size, c.prior_loss_weight) if c.with_prior_preservation else None
+        loss = training_loss(comps.noise_scheduler, prediction_type, c.snr_gamma, c.do_edm_style_training,
+                             prior_split)
+        if folder_is_edm or c.do_edm_style_training:
+            self._info("EDM-style training on %s", "the folder's EDM sigmas and preconditioning" if folder_is_edm
+                       else "the schedule's sigmas with Euler's preconditioning, loss weight sigma^-2")
+        self.num_train_timesteps = loss.num_train_timesteps
         self.lrs = lr_schedule(self.plan.learning_rate, c.lr_scheduler, c.lr_warmup_steps, self.max_train_steps)
+        text_trainable = self._prepare_text_side(comps)
         encoders = Encoders(comps.vae, self.family.prompt_encoder(comps), self.family.latent_scaling(comps.vae),
-                            frozen=[comps.vae, *comps.text_encoders])
-        built = build_step(c, self.method, comps.unet, DiffusionLoss(alphas_cumprod, prediction_type, c.snr_gamma),
-                           self.lrs[0], encoders, on_prepared=self._report_parameters)
+                            frozen=[comps.vae, *comps.text_encoders], trainable=text_trainable)
+        built = build_step(c, self.method, comps.unet, loss, self.lrs[0], encoders, on_prepared=self._report_parameters,
+                           family=self.family)
         self.train_step, self.trainable = built.train_step, built.trainable
         self.latent_channels = comps.unet.config.in_channels
         self.latent_size = c.resolution // comps.vae_scale_factor
+        self.held_out_loss = self._build_held_out_loss() if self.held_out_records and self.runtime.is_main else None
         self.validator = None
         if c.validation_prompt and self.runtime.is_main:
             from ..sampling import Validator
@@ -216,6 +240,107 @@ class Trainer:
             self.validator = Validator(comps, c.validation_prompt, c.output_dir, c.resolution,
                                        c.num_validation_images, c.seed, **self.method.validation_inputs(c.resolution))
         return self
+
+    def _read_records(self):
+        """The dataset's records, or DreamBooth's instance images captioned with the instance prompt."""
+        c = self.config
+        options = dict(on_bad_record=self._skip_bad_row if c.on_bad_sample == "skip" else None,
+                       condition_column=c.conditioning_image_column if self.method.takes_condition else None)
+        if c.instance_data_dir:
+            return load_instance_records(c.instance_data_dir, c.instance_prompt, c.image_column, c.caption_column,
+                                         **options)
+        return load_records(c.data_source, c.image_column, c.caption_column, **options)
+
+    def _new_tokens(self) -> NewTokens:
+        """Pivotal tuning's tokens; a run whose prompts never use them would train nothing there."""
+        c = self.config
+        new_tokens = NewTokens.for_abstractions(c.token_abstraction, c.num_new_tokens_per_abstraction)
+        prompts = [caption for r in self.records
+                   for caption in ([r.caption] if isinstance(r.caption, str) else r.caption)]
+        if not any(new_tokens.mentioned_in(prompt) for prompt in prompts):
+            where = "instance_prompt" if c.instance_data_dir else "the captions"
+            raise UserError(f"train_text_encoder_ti: {where} never use token_abstraction '{c.token_abstraction}' "
+                            f"(e.g. instance_prompt 'a photo of {c.token_abstraction.split(',')[0]} dog')")
+        self._info("pivotal tuning: %s; their embeddings train for the first %d of %d steps",
+                   ", ".join(f"{word} -> {''.join(tokens)}" for word, tokens in new_tokens.abstractions),
+                   self.pivot_step, self.max_train_steps)
+        return new_tokens
+
+    def _prepare_text_side(self, comps) -> list:
+        """What trains in the text encoders: pivotal tuning's new token rows, or the method's text-encoder LoRA."""
+        c = self.config
+        if self.new_tokens is not None:
+            return comps.add_new_tokens(self.new_tokens, seed=c.seed)
+        if not c.train_text_encoder:
+            return []
+        ms.set_seed(c.seed)  # the adapters' initialisation, the same on every rank
+        params = self.method.prepare_text_encoders(dict(zip(self.family.text_encoders, comps.text_encoders)))
+        self._info("train_text_encoder: LoRA on %s, %s trainable parameters, for the first %d of %d steps",
+                   " and ".join(self.family.text_encoders), f"{sum(p.size for p in params):,}", self.pivot_step,
+                   self.max_train_steps)
+        return params
+
+    @property
+    def trains_text(self) -> bool:
+        return self.config.train_text_encoder_ti or self.config.train_text_encoder
+
+    @property
+    def pivot_step(self) -> int:
+        """Steps before it train the text side (new embeddings, text-encoder LoRA); from it on only the UNet's
+        weights train."""
+        c = self.config
+        fraction = c.train_text_encoder_ti_frac if c.train_text_encoder_ti else c.train_text_encoder_frac
+        return int(fraction * self.max_train_steps)
+
+    def _set_text_training(self, global_step: int) -> None:
+        """The text side's learning-rate multiple for the step after `global_step`: 0 from the pivot on (set on the
+        host each step, so a resumed run is on the right side of the pivot without saving it)."""
+        if not self.trains_text:
+            return
+        c = self.config
+        training = global_step < self.pivot_step
+        optimizer = self.train_step.optimizer
+        if not training and optimizer.host_lr_scales[TEXT_GROUP] != 0.0:
+            self._info("step %d: pivot; %s stop training, the %s weights go on", global_step,
+                       "the new tokens' embeddings" if c.train_text_encoder_ti else "the text-encoder LoRA", c.method)
+        optimizer.set_group_lr_scale(TEXT_GROUP, text_lr_ratio(c) if training else 0.0)
+
+    def _save_weights(self, folder: str) -> None:
+        """The method's weights, and pivotal tuning's embeddings as <output name>_emb.safetensors."""
+        self.method.save_weights(self.components.unet, folder)
+        if self.new_tokens is not None:
+            save_embeddings(os.path.join(folder, embeddings_file_name(self.config.output_dir)),
+                            new_rows_of(self.components.text_encoders), self.new_tokens)
+
+    def _class_records(self):
+        """Prior preservation's class images, generated from the base model where missing (prior.py)."""
+        c, rt = self.config, self.runtime
+        made = generate_class_images(c.pretrained_model_name_or_path, c.class_data_dir, c.class_prompt,
+                                     c.num_class_images, c.sample_batch_size, c.resolution, c.seed,
+                                     DTYPES[c.mixed_precision], rt.rank, rt.world_size)
+        records = load_instance_records(c.class_data_dir, c.class_prompt)
+        self._info("prior preservation: %d class images in %s (%d generated by this run), prior_loss_weight %g",
+                   len(records), c.class_data_dir, made, c.prior_loss_weight)
+        return records
+
+    def _build_held_out_loss(self) -> HeldOutLoss:
+        """The held-out samples loaded as training loads them (no flip), with fixed randomness."""
+        from ..data.dataset import ImageTransform, TextImageDataset, encode_sample_key
+
+        c, records = self.config, self.held_out_records
+        dataset = TextImageDataset(records, ImageTransform(c.resolution, c.center_crop, False),
+                                   self.family.prompt_tokenizer(self.components), c.seed, c.on_bad_sample,
+                                   self.method.condition_spec, self.family)
+        samples = [dataset[encode_sample_key(0, k, len(records))] for k in range(len(records))]
+        # The dataset gives (pixels, ids[, condition], *size conditions); the step takes the size
+        # conditions before the condition image.
+        end = 3 if self.method.takes_condition else 2
+        samples = [sample[:2] + sample[end:] + sample[2:end] for sample in samples]
+
+        def draw(k):
+            return self._draw_sample(np.random.default_rng([c.seed, HELD_OUT_STREAM, k]))
+
+        return HeldOutLoss(self.train_step.model, samples, draw)
 
     def _info(self, *args):
         if self.runtime.is_main:
@@ -239,17 +364,19 @@ class Trainer:
         see exactly what one process with N*b samples sees.
         """
         c, rt = self.config, self.runtime
-        shape = (self.latent_channels, self.latent_size, self.latent_size)
-        latent_eps, noise, timesteps = [], [], []
-        for k in range(rt.rank * batch_size, (rt.rank + 1) * batch_size):
-            rng = np.random.default_rng([c.seed, micro_step, k])
-            latent_eps.append(rng.standard_normal(shape, dtype=np.float32))
-            sample_noise = rng.standard_normal(shape, dtype=np.float32)
-            if c.noise_offset:
-                sample_noise += c.noise_offset * rng.standard_normal(shape[:1] + (1, 1), dtype=np.float32)
-            noise.append(sample_noise)
-            timesteps.append(rng.integers(0, self.num_train_timesteps, dtype=np.int32))
+        draws = [self._draw_sample(np.random.default_rng([c.seed, micro_step, k]))
+                 for k in range(rt.rank * batch_size, (rt.rank + 1) * batch_size)]
+        latent_eps, noise, timesteps = zip(*draws)
         return tuple(ms.Tensor(a) for a in (np.stack(latent_eps), np.stack(noise), np.array(timesteps, np.int32)))
+
+    def _draw_sample(self, rng):
+        """One sample's VAE posterior noise, diffusion noise (with the noise offset) and timestep."""
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        latent_eps = rng.standard_normal(shape, dtype=np.float32)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if self.config.noise_offset:
+            noise += self.config.noise_offset * rng.standard_normal(shape[:1] + (1, 1), dtype=np.float32)
+        return latent_eps, noise, rng.integers(0, self.num_train_timesteps, dtype=np.int32)
 
     # ----------------------------------------------------------------- saving
     def save_checkpoint(self, global_step: int, micro_step: int) -> Optional[str]:
@@ -258,7 +385,7 @@ class Trainer:
         c = self.config
         path = os.path.join(c.output_dir, f"checkpoint-{global_step}")
         with atomic_folder(path) as tmp:
-            self.method.save_weights(self.components.unet, tmp)
+            self._save_weights(tmp)
             save_training_state(
                 tmp, self.train_step,
                 {"global_step": global_step, "micro_step": micro_step, "method": c.method, "optimizer": c.optimizer,
@@ -267,13 +394,38 @@ class Trainer:
         prune_checkpoints(c.output_dir, c.checkpoints_total_limit)
         return path
 
+    @property
+    def ema(self):
+        """The step's EMA of the trained weights (EMAWeights), or None."""
+        return getattr(self.train_step, "ema", None)
+
+    def validation_weights(self):
+        """A context in which the trained weights are those validation uses (the EMA's with validation_use_ema)."""
+        if self.config.validation_use_ema and self.ema is not None:
+            return self.ema.swapped_in(self.train_step.parameters)
+        return contextlib.nullcontext()
+
+    def evaluate_held_out(self) -> float:
+        with self.validation_weights():
+            return self.held_out_loss.evaluate()
+
     def save_final_weights(self) -> None:
-        """The method's weights at the top of output_dir, each file replaced in one rename."""
+        """The method's weights at the top of output_dir, each file replaced in one rename. With an EMA those
+        are the averaged weights, and the trained ones go to output_dir/raw in the same layout."""
         if not self.runtime.is_main:
             return
         out = self.config.output_dir
         with atomic_folder(os.path.join(out, ".final")) as tmp:
-            self.method.save_weights(self.components.unet, tmp)
+            if self.ema is None:
+                self._save_weights(tmp)
+            else:
+                os.makedirs(os.path.join(tmp, RAW_WEIGHTS_FOLDER))
+                self._save_weights(os.path.join(tmp, RAW_WEIGHTS_FOLDER))
+                with self.ema.swapped_in(self.train_step.parameters):
+                    self._save_weights(tmp)
+            if self.config.instance_data_dir:  # a DreamBooth run: how to use it, with its trigger words
+                write_model_card(tmp, self.config, self.method, self.family, self.max_train_steps,
+                                 self.plan.learning_rate, self.new_tokens)
         final = os.path.join(out, ".final")
         for name in os.listdir(final):
             target = os.path.join(out, name)
@@ -345,9 +497,19 @@ class Trainer:
             center_crop=c.center_crop, random_flip=c.random_flip, shuffle=True, seed=c.seed,
             num_shards=rt.world_size, shard_id=rt.rank, start_step=micro_step,
             num_workers=c.dataloader_num_workers, on_bad_sample=c.on_bad_sample,
-            condition=self.method.condition_spec,
+            condition=self.method.condition_spec, family=self.family,  # the family's size conditions, if any
         )
-        images_per_step = c.train_batch_size * accum * rt.world_size
+        batches = iterate_batches(loader)
+        samples_per_batch = c.train_batch_size
+        if self.class_records is not None:  # each batch: the instance samples, then as many class images
+            class_loader = create_dataloader(
+                self.class_records, self.family.prompt_tokenizer(self.components), c.resolution, c.train_batch_size,
+                center_crop=c.center_crop, random_flip=c.random_flip, shuffle=True, seed=c.seed + 1,
+                num_shards=rt.world_size, shard_id=rt.rank, start_step=micro_step,
+                num_workers=c.dataloader_num_workers, on_bad_sample=c.on_bad_sample, family=self.family)
+            batches = paired_batches(batches, iterate_batches(class_loader))
+            samples_per_batch *= 2
+        images_per_step = samples_per_batch * accum * rt.world_size
         if rt.world_size > 1:
             logger.info(
                 "rank %d of %d: data shard %d, %d samples per card, global batch %d (x%d accumulation)",
@@ -367,12 +529,15 @@ class Trainer:
         window_losses = []  # loss tensors of the current optimizer step's micro-steps
         try:
             with StopRequest() as stop:
-                for batch in iterate_batches(loader):
-                    randomness = self.draw_randomness(micro_step, c.train_batch_size)
+                for batch in batches:
+                    randomness = self.draw_randomness(micro_step, samples_per_batch)
                     condition = (ms.Tensor(batch["condition"]),) if "condition" in batch else ()
+                    size_values = tuple(ms.Tensor(batch[name]) for name in self.family.size_conditions)
                     learning_rate = ms.Tensor(self.lrs[global_step], ms.float32)  # of the step under way
-                    inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness, *condition,
-                              learning_rate)
+                    self._set_text_training(global_step)
+                    ema_decay = (ms.Tensor(ema_decay_from_config(c, global_step + 1), ms.float32),) if c.use_ema else ()
+                    inputs = (ms.Tensor(batch["pixel_values"]), ms.Tensor(batch["input_ids"]), *randomness,
+                              *size_values, *condition, *ema_decay, learning_rate)
                     if result.compile_cache is None:
                         result.compile_cache = compile_train_step(
                             self.train_step, inputs, c.compile_cache_dir, rt.rank, rt.world_size)
@@ -389,11 +554,18 @@ class Trainer:
                     window_losses = []
                     progress.update(1)
                     log_now = global_step % c.logging_steps == 0 or global_step == self.max_train_steps
-                    validate_now = self.validator is not None and global_step % c.validation_steps == 0
+                    # Decided from the config, the same on every rank (only the main one validates): the
+                    # device is read, and an early stop seen, at the same steps on all ranks.
+                    validation_step = bool(c.validation_prompt) and global_step % c.validation_steps == 0
+                    held_out_step = bool(c.validation_loss_samples) and (
+                        global_step % c.validation_steps == 0 or global_step >= self.max_train_steps)
+                    validate_now = self.validator is not None and validation_step
+                    held_out_now = self.held_out_loss is not None and held_out_step
+                    log_now = log_now or held_out_step  # the held-out loss goes into that step's log row
                     checkpoint_now = global_step % c.checkpointing_steps == 0 or global_step >= self.max_train_steps
                     # Device values reach the host only here, so between reads the host prepares
                     # the next steps while the device runs the queued ones.
-                    if log_now or validate_now or checkpoint_now or stop.signal_name or result.compile_seconds is None:
+                    if log_now or validation_step or checkpoint_now or stop.signal_name or result.compile_seconds is None:
                         window = readings.read()
                         result.losses.extend(window.losses)
                         if result.compile_seconds is None:
@@ -411,6 +583,12 @@ class Trainer:
                                 "skipped_steps": window.skipped,
                                 "loss_scale": self._loss_scale(),
                             }
+                            if held_out_now:
+                                record["validation_loss"] = self.evaluate_held_out()
+                                stop.reclaim()
+                                readings.restart_clock()  # evaluating is not training step time
+                                logger.info("step %d: validation loss %.4f (%d held-out samples)", global_step,
+                                            record["validation_loss"], len(self.held_out_loss))
                             log_file.write(json.dumps(record) + "\n")
                             log_file.flush()
                             if reporter:
@@ -434,7 +612,8 @@ class Trainer:
                         self.save_checkpoint(global_step, micro_step)
                         readings.restart_clock()  # saving time is not training step time
                     if validate_now:
-                        folder = self.validator(global_step)
+                        with self.validation_weights():
+                            folder = self.validator(global_step)
                         stop.reclaim()
                         if reporter:
                             reporter.images(folder, global_step)

@@ -3,6 +3,9 @@ from typing import List
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2"]
+# The text encoders' attention projections (CLIP's layer names), where diffusers' DreamBooth scripts put
+# text-encoder LoRA.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_TARGET_PRESETS = {"attn": ATTENTION_TARGETS, "attn+ff": ATTENTION_TARGETS + FEED_FORWARD_TARGETS}
 
 

@@ -10,11 +10,22 @@ diffusers/peft (`pytorch_lora_weights.safetensors`, what diffusers' `load_lora_w
   fields prefixed by component (`unet.r`, `unet.lora_alpha`, `unet.target_modules`,
   `unet.rank_pattern`, `unet.alpha_pattern`, `unet.use_dora`), as diffusers writes and reads it.
   Without metadata diffusers takes alpha = rank; a `<module>.alpha` key is honoured too.
-kohya (`lora_unet_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, text encoder
-  `lora_te_`): the module path is flattened with "_" (diffusers-style names, as kohya's scripts
-  write for SD1.x/2.x). Reading also accepts the original-LDM names of SD1.x/2.x attention blocks
-  (`input_blocks_1_1_...`, `middle_block_1_...`, `output_blocks_3_1_...`). Not covered: SDXL's
-  LDM names, kohya's DoRA (`dora_scale`) and LyCORIS variants (LoHa, LoKr).
+kohya (`lora_<component>_<path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`), by family:
+  sd    (SD1.x/2.x): `lora_unet_<diffusers path>`, text encoder `lora_te_`, as kohya's SD1 scripts write;
+  sdxl: the UNet in the original LDM/SGM block names kohya's SDXL scripts write
+        (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `..._middle_block_1_...`,
+        `..._output_blocks_0_1_...`, resnets `..._input_blocks_1_0_emb_layers_1`), text encoders
+        `lora_te1_` / `lora_te2_`.
+  Reading accepts both namings for any family. Not covered: convolution LoRA (LoCon: conv_in,
+  samplers, resnet convs), kohya's DoRA (`dora_scale`) and LyCORIS variants (LoHa, LoKr).
+
+The LDM/SGM numbering is the same for SD1.x/2.x and SDXL (both have 2 resnets per down level,
+3 per up level): input_blocks n >= 1 is down_blocks[(n-1)//3] layer (n-1)%3, output_blocks n is
+up_blocks[n//3] layer n%3; the second index is 0 for the resnet, 1 for the attention block.
+mindone's `lora_conversion_utils` (`_maybe_map_sgm_blocks_to_diffusers`) implements only the read
+direction, into diffusers' legacy attention-processor names, needs the UNet config and imports
+MindSpore; one table here serves both directions of these plain-numpy files, and the tests check
+it against mindone's mapping.
 """
 import json
 import re
@@ -32,7 +43,11 @@ LAYOUTS = ("diffusers", "kohya")
 
 # component prefix: diffusers <-> kohya
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+SDXL_COMPONENTS = dict(COMPONENTS, text_encoder="lora_te1_")
 KOHYA_ALIASES = {"lora_te1_": "text_encoder"}
+FAMILIES = ("sd", "sdxl")
+# both SD1.x/2.x and SDXL: 2 resnets + a downsampler per down level, 3 resnets per up level
+LDM_LAYERS = 3
 
 # Module-name pieces that contain "_" themselves, so a flattened kohya name can be split back.
 COMPOUND_NAMES = [
@@ -40,6 +55,7 @@ COMPOUND_NAMES = [
     "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
     "time_embedding", "linear_1", "linear_2", "add_k_proj", "add_v_proj", "text_model", "self_attn",
     "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2",
+    "add_embedding", "text_projection",
 ]
 _COMPOUND_TOKENS = sorted((tuple(n.split("_")) for n in COMPOUND_NAMES), key=len, reverse=True)
 
@@ -62,11 +78,60 @@ class LoraModule:
 
 # -- kohya names ------------------------------------------------------------------------------
 
-def kohya_name(module: str) -> str:
+def detect_family(modules) -> str:
+    """"sdxl" when the module names show a structure only SDXL has, else "sd": a second text encoder,
+    the text_time add_embedding, or a transformer depth above 1 (SD1.x/2.x have one transformer
+    block per attention; SDXL 2 or 10, so any SDXL attention LoRA shows one)."""
+    for module in modules:
+        if module.startswith(("text_encoder_2.", "unet.add_embedding.")):
+            return "sdxl"
+        if module.startswith("unet.") and re.search(r"\.transformer_blocks\.[1-9]", module):
+            return "sdxl"
+    return "sd"
+
+
+def kohya_name(module: str, family: str = "sd") -> str:
     component, path = module.split(".", 1)
-    if component not in COMPONENTS:
+    prefixes = SDXL_COMPONENTS if family == "sdxl" else COMPONENTS
+    if component not in prefixes:
         raise UserError(f"'{module}': no kohya name for component '{component}'")
-    return COMPONENTS[component] + path.replace(".", "_")
+    if component == "unet" and family == "sdxl":
+        return prefixes[component] + _diffusers_to_ldm(path)
+    return prefixes[component] + path.replace(".", "_")
+
+
+# Dense layers outside the attention blocks: diffusers name <-> LDM name (kohya's SDXL UNet)
+_RESNET_LDM = {"time_emb_proj": "emb_layers_1"}
+_TOP_LDM = {"time_embedding.linear_1": "time_embed_0", "time_embedding.linear_2": "time_embed_2",
+            "add_embedding.linear_1": "label_emb_0_0", "add_embedding.linear_2": "label_emb_0_2"}
+_RESNET_DIFFUSERS = {v: k for k, v in _RESNET_LDM.items()}
+_TOP_DIFFUSERS = {v: k.replace(".", "_") for k, v in _TOP_LDM.items()}
+
+
+def _ldm_inner(part: str, rest: str, module: str) -> str:
+    """The flattened name inside an LDM block: attention blocks keep diffusers' inner names."""
+    if part == "attentions":
+        return rest.replace(".", "_")
+    if rest not in _RESNET_LDM:
+        raise UserError(f"'unet.{module}': no kohya SDXL name (LoRA on resnets covers {', '.join(_RESNET_LDM)})")
+    return _RESNET_LDM[rest]
+
+
+def _diffusers_to_ldm(path: str) -> str:
+    """diffusers UNet path -> flattened LDM/SGM name (without `lora_unet_`)."""
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if m:
+        side, level, part, layer, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        n = LDM_LAYERS * level + layer + (1 if side == "down" else 0)  # input_blocks_0 is conv_in
+        block = "input_blocks" if side == "down" else "output_blocks"
+        return f"{block}_{n}_{int(part == 'attentions')}_{_ldm_inner(part, rest, path)}"
+    m = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if m:  # middle_block: resnet 0, attention, resnet 1
+        index = 1 if m.group(1) == "attentions" else 2 * int(m.group(2))
+        return f"middle_block_{index}_{_ldm_inner(m.group(1), m.group(3), path)}"
+    if path in _TOP_LDM:
+        return _TOP_LDM[path]
+    raise UserError(f"'unet.{path}': no kohya SDXL name for this module")
 
 
 def _unflatten(flat: str) -> str:
@@ -83,21 +148,35 @@ def _unflatten(flat: str) -> str:
     return ".".join(parts)
 
 
+def _diffusers_inner(part: str, rest: str, flat: str) -> str:
+    if part == "attentions":
+        return rest
+    if rest not in _RESNET_DIFFUSERS:
+        raise UserError(f"kohya key 'lora_unet_{flat}': of the LDM resnet layers only "
+                        f"{', '.join(_RESNET_DIFFUSERS)} (a Dense layer) is supported")
+    return _RESNET_DIFFUSERS[rest]
+
+
 def _ldm_to_diffusers(flat: str) -> str:
-    """SD1.x/2.x original-LDM block names of the attention blocks -> diffusers names (flattened)."""
-    m = re.match(r"input_blocks_(\d+)_1_(.*)", flat)
+    """Original-LDM/SGM block names (SD1.x/2.x and SDXL) -> diffusers names (flattened)."""
+    m = re.fullmatch(r"(input|output)_blocks_(\d+)_([01])_(.+)", flat)
+    if m and not (m.group(1) == "input" and m.group(2) == "0"):
+        side, n, part = m.group(1), int(m.group(2)), "attentions" if m.group(3) == "1" else "resnets"
+        level, layer = divmod(n - 1 if side == "input" else n, LDM_LAYERS)
+        if side == "input" and layer == LDM_LAYERS - 1:
+            raise UserError(f"kohya key 'lora_unet_{flat}': input_blocks_{n} is a downsampler (convolution LoRA "
+                            f"is not supported)")
+        block = "down_blocks" if side == "input" else "up_blocks"
+        return f"{block}_{level}_{part}_{layer}_{_diffusers_inner(part, m.group(4), flat)}"
+    m = re.fullmatch(r"middle_block_([012])_(.+)", flat)
     if m:
-        n = int(m.group(1))
-        return f"down_blocks_{(n - 1) // 3}_attentions_{(n - 1) % 3}_{m.group(2)}"
-    m = re.match(r"output_blocks_(\d+)_1_(.*)", flat)
-    if m:
-        n = int(m.group(1))
-        return f"up_blocks_{n // 3}_attentions_{n % 3}_{m.group(2)}"
-    m = re.match(r"middle_block_1_(.*)", flat)
-    if m:
-        return f"mid_block_attentions_0_{m.group(1)}"
-    if re.match(r"(input_blocks|output_blocks|middle_block)_", flat):
-        raise UserError(f"kohya key 'lora_unet_{flat}': only attention blocks of the LDM naming are supported")
+        part, layer = ("attentions", 0) if m.group(1) == "1" else ("resnets", int(m.group(1)) // 2)
+        return f"mid_block_{part}_{layer}_{_diffusers_inner(part, m.group(2), flat)}"
+    if flat in _TOP_DIFFUSERS:
+        return _TOP_DIFFUSERS[flat]
+    if re.match(r"(input_blocks|output_blocks|middle_block|time_embed|label_emb|out)_", flat):
+        raise UserError(f"kohya key 'lora_unet_{flat}': not a Dense layer of the LDM naming that is supported "
+                        f"(attention blocks, resnets' emb_layers_1, time_embed, label_emb)")
     return flat
 
 
@@ -220,22 +299,27 @@ def to_diffusers(modules: Dict[str, LoraModule]) -> Tuple[Dict[str, np.ndarray],
     return state, metadata
 
 
-def to_kohya(modules: Dict[str, LoraModule]) -> Dict[str, np.ndarray]:
+def to_kohya(modules: Dict[str, LoraModule], family: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """kohya's names for `family` ("sd" or "sdxl"; None: detect_family)."""
+    family = family or detect_family(modules)
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family '{family}': choose one of {', '.join(FAMILIES)}")
     state = {}
     for module, m in modules.items():
         if m.magnitude is not None:
             raise UserError(f"'{module}' is a DoRA module: the kohya layout here has no DoRA; keep the diffusers layout")
-        name = kohya_name(module)
+        name = kohya_name(module, family)
         state[f"{name}.lora_down.weight"] = np.ascontiguousarray(m.down, np.float32)
         state[f"{name}.lora_up.weight"] = np.ascontiguousarray(m.up, np.float32)
         state[f"{name}.alpha"] = np.asarray(m.alpha, np.float32)
     return state
 
 
-def write_state(modules: Dict[str, LoraModule], layout: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    """(state dict, safetensors metadata strings) for `layout`."""
+def write_state(modules: Dict[str, LoraModule], layout: str,
+                family: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(state dict, safetensors metadata strings) for `layout`; `family` picks kohya's naming."""
     if layout == "kohya":
-        return to_kohya(modules), {"format": "pt"}
+        return to_kohya(modules, family), {"format": "pt"}
     if layout == "diffusers":
         state, config = to_diffusers(modules)
         return state, {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
@@ -244,33 +328,15 @@ def write_state(modules: Dict[str, LoraModule], layout: str) -> Tuple[Dict[str, 
 
 # -- combining --------------------------------------------------------------------------------
 
-def combine(adapters: List[Dict[str, LoraModule]], weights: List[float], mode: str = "cat") -> Dict[str, LoraModule]:
-    """Merge several LoRAs into one.
+def combine(adapters: List[Dict[str, LoraModule]], weights: List[float], mode: str = "cat", **options) -> Dict[str, LoraModule]:
+    """Merge several LoRAs into one: `mode` is one of merge.COMBINATIONS (peft's add_weighted_adapter).
 
-    cat (exact): A = [A_1; A_2; ...] and B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] along the rank, alpha =
-      the new rank, so B A = sum_i w_i s_i B_i A_i exactly (peft's combination_type="cat").
-    linear (peft's "linear", same ranks only): A = sum_i sqrt(w_i) s_i A_i, B = sum_i sqrt(w_i) B_i,
-      alpha = rank; keeps the rank but is not the sum of the updates (cross terms).
+    cat (exact): A = [w_1 s_1 A_1; w_2 s_2 A_2; ...] and B = [B_1, B_2, ...] along the rank, alpha =
+      the new rank, so B A = sum_i w_i s_i B_i A_i exactly.
+    linear (same ranks only): A = sum_i sqrt(w_i s_i) A_i, B = sum_i sqrt(w_i s_i) B_i, alpha = rank;
+      keeps the rank but is not the sum of the updates (cross terms). The others: see merge.py;
+      `options` are merge.merge_adapters' (density, majority_sign_method, rank, svd_clamp, seed, names).
     """
-    if len(adapters) != len(weights):
-        raise UserError(f"{len(adapters)} adapters but {len(weights)} weights")
-    if mode not in ("cat", "linear"):
-        raise UserError(f"combination '{mode}' is not one of cat, linear")
-    out = {}
-    for module in sorted(set().union(*adapters)):
-        present = [(a[module], w) for a, w in zip(adapters, weights) if module in a]
-        if any(m.magnitude is not None for m, _ in present):
-            raise UserError(f"'{module}': DoRA adapters cannot be combined (their magnitudes do not add)")
-        if mode == "cat":
-            down = np.concatenate([m.down for m, _ in present], axis=0)
-            up = np.concatenate([w * m.scaling * m.up for m, w in present], axis=1)
-        else:
-            ranks = {m.rank for m, _ in present}
-            if len(ranks) != 1:
-                raise UserError(f"'{module}': linear combination needs equal ranks, got {sorted(ranks)}; use cat")
-            if any(w < 0 for _, w in present):
-                raise UserError("linear combination needs weights >= 0; use cat")
-            down = sum(np.sqrt(w) * m.scaling * m.down.astype(np.float64) for m, w in present)
-            up = sum(np.sqrt(w) * m.up.astype(np.float64) for m, w in present)
-        out[module] = LoraModule(down.astype(np.float32), up.astype(np.float32), float(down.shape[0]))
-    return out
+    from .merge import merge_adapters
+
+    return merge_adapters(adapters, weights, mode, **options)

@@ -1,6 +1,6 @@
 """Save and load UNet LoRA weights: diffusers/peft layout (default) or kohya (see formats.py).
 
-save_lora   writes one adapter of a UNet;
+save_lora   writes one adapter of a UNet (and of the text encoders trained beside it);
 load_lora   fills an adapter already injected (the training/resume path);
 add_lora    injects a new adapter shaped after a file (rank, alpha and DoRA per module) and fills it.
 Loading checks every key and shape against the UNet first; nothing is half-applied.
@@ -8,7 +8,7 @@ Loading checks every key and shape against the UNet first; nothing is half-appli
 import json
 import logging
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -52,21 +52,34 @@ def read_lora_file(path: str) -> Tuple[Dict[str, LoraModule], str]:
         raise UserError(f"{file}: {err}") from None
 
 
-def write_lora_file(modules: Dict[str, LoraModule], path: str, layout: str = "diffusers") -> str:
-    """Write `modules` to `path` (a folder gets the layout's standard file name); returns the file."""
+def write_lora_file(modules: Dict[str, LoraModule], path: str, layout: str = "diffusers",
+                    family: Optional[str] = None) -> str:
+    """Write `modules` to `path` (a folder gets the layout's standard file name); returns the file.
+    `family` ("sd" / "sdxl", None: from the module names) picks kohya's naming."""
     if path.endswith(".safetensors"):
         file = path
     else:
         file = os.path.join(path, WEIGHTS_NAME if layout == "diffusers" else KOHYA_WEIGHTS_NAME)
-    state, metadata = formats.write_state(modules, layout)
+    state, metadata = formats.write_state(modules, layout, family)
     os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
     save_file(state, file, metadata=metadata)
     return file
 
 
-def save_lora(unet, folder: str, config: LoRAConfig, layout: str = "diffusers") -> str:
-    """Write adapter `config.adapter_name` of `unet`; `layout` is diffusers or kohya."""
-    return write_lora_file(lora_modules(unet, config.adapter_name), folder, layout)
+def unet_family(unet) -> str:
+    """"sdxl" for a UNet with SDXL's text_time conditioning (SDXL, Playground), else "sd"."""
+    config = getattr(unet, "config", None)
+    return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def save_lora(unet, folder: str, config: LoRAConfig, layout: str = "diffusers", text_encoders=None) -> str:
+    """Write adapter `config.adapter_name` of `unet` and of the text encoders in `text_encoders`
+    ({component: encoder}, keys `text_encoder.` / `text_encoder_2.`); `layout` is diffusers or kohya
+    (kohya's SDXL naming for an SDXL UNet, known from its config rather than guessed from the names)."""
+    modules = lora_modules(unet, config.adapter_name)
+    for component, encoder in (text_encoders or {}).items():
+        modules.update(lora_modules(encoder, config.adapter_name, component))
+    return write_lora_file(modules, folder, layout, unet_family(unet))
 
 
 def read_lora_metadata(file: str) -> dict:
@@ -77,40 +90,53 @@ def read_lora_metadata(file: str) -> dict:
     return formats._metadata_config(config, "unet")
 
 
+def _what(component: str) -> str:
+    return "UNet" if component == "unet" else component
+
+
+def _component_modules(modules: Dict[str, LoraModule], file: str, component: str = "unet",
+                       loaded_elsewhere=()) -> Dict[str, LoraModule]:
+    """One component's part of a file ({path: module}). For the UNet, parts of components not loaded
+    elsewhere (`loaded_elsewhere`: the text encoders a caller fills too) are reported and skipped."""
+    if component == "unet":
+        others = sorted({m.split(".", 1)[0] for m in modules} - {"unet"} - set(loaded_elsewhere))
+        if others:
+            logger.warning("%s: skipping LoRA weights of %s (only the UNet is loaded)", file, ", ".join(others))
+    part = {m.split(".", 1)[1]: v for m, v in modules.items() if m.startswith(component + ".")}
+    if not part:
+        raise UserError(f"{file}: no {_what(component)} LoRA weights in this file")
+    return part
+
+
 def _unet_modules(modules: Dict[str, LoraModule], file: str) -> Dict[str, LoraModule]:
-    """The UNet part of a file ({path: module}); other components are reported and skipped."""
-    others = sorted({m.split(".", 1)[0] for m in modules} - {"unet"})
-    if others:
-        logger.warning("%s: skipping LoRA weights of %s (only the UNet is loaded)", file, ", ".join(others))
-    unet_part = {m.split(".", 1)[1]: v for m, v in modules.items() if m.startswith("unet.")}
-    if not unet_part:
-        raise UserError(f"{file}: no UNet LoRA weights in this file")
-    return unet_part
+    return _component_modules(modules, file)
 
 
-def _check_against_dense(unet, modules: Dict[str, LoraModule], file: str) -> None:
-    """Every module must be a Dense of this UNet with matching in/out sizes."""
+def _check_against_dense(unet, modules: Dict[str, LoraModule], file: str, component: str = "unet") -> None:
+    """Every module must be a Dense of this network with matching in/out sizes."""
     from mindspore import nn
 
     from .layer import LoraLinear
 
+    what = _what(component)
     cells = dict(unet.cells_and_names())
     for path, m in modules.items():
         cell = cells.get(path)
         if isinstance(cell, LoraLinear):
             cell = cell.get_base_layer()
         if not isinstance(cell, nn.Dense):
-            raise UserError(f"{file}: key 'unet.{path}.lora_A.weight' does not fit this UNet (no Dense layer '{path}')")
+            raise UserError(f"{file}: key '{component}.{path}.lora_A.weight' does not fit this {what} (no Dense layer "
+                            f"'{path}')")
         expected_a = (m.rank, cell.in_channels)
         if tuple(m.down.shape) != expected_a:
-            raise UserError(f"{file}: 'unet.{path}.lora_A.weight' has shape {tuple(m.down.shape)}, "
-                            f"this UNet expects {expected_a}")
+            raise UserError(f"{file}: '{component}.{path}.lora_A.weight' has shape {tuple(m.down.shape)}, "
+                            f"this {what} expects {expected_a}")
         if tuple(m.up.shape) != (cell.out_channels, m.rank):
-            raise UserError(f"{file}: 'unet.{path}.lora_B.weight' has shape {tuple(m.up.shape)}, "
-                            f"this UNet expects {(cell.out_channels, m.rank)}")
+            raise UserError(f"{file}: '{component}.{path}.lora_B.weight' has shape {tuple(m.up.shape)}, "
+                            f"this {what} expects {(cell.out_channels, m.rank)}")
         if m.magnitude is not None and tuple(m.magnitude.shape) != (cell.out_channels,):
-            raise UserError(f"{file}: 'unet.{path}.lora_magnitude_vector' has shape {tuple(m.magnitude.shape)}, "
-                            f"this UNet expects {(cell.out_channels,)}")
+            raise UserError(f"{file}: '{component}.{path}.lora_magnitude_vector' has shape "
+                            f"{tuple(m.magnitude.shape)}, this {what} expects {(cell.out_channels,)}")
 
 
 def _assign(unet, modules: Dict[str, LoraModule], adapter_name: str) -> None:
@@ -154,29 +180,49 @@ def load_lora(unet, path: str, adapter_name: str = "default") -> None:
     _assign(unet, modules, adapter_name)
 
 
-def add_lora(unet, path: str, adapter_name: str = "default", weight: float = 1.0) -> None:
-    """Inject a new adapter shaped after a LoRA file (any layout) and load it; active with `weight`."""
+def add_lora(unet, path: str, adapter_name: str = "default", weight: float = 1.0, component: str = "unet",
+             loaded_elsewhere=(), modules: Optional[Dict[str, LoraModule]] = None) -> None:
+    """Inject a new adapter shaped after a LoRA file (any layout) and load it; active with `weight`.
+    component: which part of the file goes on `unet` (a text encoder's: "text_encoder", "text_encoder_2").
+    modules: the file's modules when the caller has read it already (read_lora_file)."""
     file = lora_file(path)
-    modules = _unet_modules(read_lora_file(file)[0], file)
-    add_lora_modules(unet, modules, adapter_name, file)
+    if modules is None:
+        modules = read_lora_file(file)[0]
+    add_lora_modules(unet, _component_modules(modules, file, component, loaded_elsewhere), adapter_name, file,
+                     component)
     if weight != 1.0:
         for layer in lora_layers(unet).values():
             if adapter_name in layer.adapter_order:
                 layer.set_weight(adapter_name, weight)
 
 
-def add_lora_modules(unet, modules: Dict[str, LoraModule], adapter_name: str, source: str = "weights") -> None:
-    """Inject adapter `adapter_name` from {UNet path: LoraModule}; checked whole before anything changes."""
+def add_lora_modules(unet, modules: Dict[str, LoraModule], adapter_name: str, source: str = "weights",
+                     component: str = "unet") -> None:
+    """Inject adapter `adapter_name` from {path: LoraModule}; checked whole before anything changes."""
     if adapter_name in adapter_names(unet):
-        raise UserError(f"this UNet already has a LoRA adapter named '{adapter_name}'")
-    _check_against_dense(unet, modules, source)
+        raise UserError(f"this {_what(component)} already has a LoRA adapter named '{adapter_name}'")
+    _check_against_dense(unet, modules, source, component)
     shapes = {p: (m.rank, m.alpha, m.magnitude is not None) for p, m in modules.items()}
     inject_modules(unet, shapes, adapter_name)
     _assign(unet, modules, adapter_name)
     refresh_graph(unet)
 
 
-def combine_adapters(unet, names, weights, new_name: str, mode: str = "cat") -> None:
-    """Add adapter `new_name` = the combination of adapters `names` (see formats.combine for cat / linear)."""
-    combined = formats.combine([lora_modules(unet, n) for n in names], list(weights), mode)
+def combine_adapters(unet, names, weights, new_name: str, mode: str = "cat", **options) -> None:
+    """Add adapter `new_name` = the combination of adapters `names` (formats.combine: cat, linear, svd,
+    ties, dare_linear, dare_ties, magnitude_prune and the *_svd variants; `options` as merge.merge_adapters)."""
+    options.setdefault("names", [f"adapter '{n}'" for n in names])
+    options.setdefault("same_modules", False)  # adapters of one UNet may target different layers
+    combined = formats.combine([lora_modules(unet, n) for n in names], list(weights), mode, **options)
     add_lora_modules(unet, {m.split(".", 1)[1]: v for m, v in combined.items()}, new_name)
+
+
+def merge_lora_files(paths, weights, out: str, combination: str = "cat", layout: str = "diffusers", **options) -> str:
+    """Merge LoRA files (any layout) into one written to `out` in `layout`; returns the file written.
+    `options` as merge.merge_adapters (density, majority_sign_method, rank, svd_clamp, seed)."""
+    if layout not in formats.LAYOUTS:
+        raise UserError(f"unknown LoRA layout '{layout}': choose one of {', '.join(formats.LAYOUTS)}")
+    files = [lora_file(p) for p in paths]
+    adapters = [read_lora_file(f)[0] for f in files]
+    merged = formats.combine(adapters, list(weights), combination, names=files, **options)
+    return write_lora_file(merged, out, layout)

@@ -115,9 +115,14 @@ def inject_sc_tuners(unet, config: SCTunerConfig = SCTunerConfig()) -> Dict[str,
     if any(isinstance(b, SkipEditedUpBlock) for b in unet.up_blocks):
         raise ValueError("this UNet already has SC-Tuners")
     dims = iter(sc_tuner_dims(unet))
-    for i, block in enumerate(list(unet.up_blocks)):
+    wrapped = []
+    for i, block in enumerate(unet.up_blocks):
         tuners = [SCTuner(next(dims), config.down_ratio) for _ in block.resnets]
-        unet.up_blocks[i] = SkipEditedUpBlock(block, tuners, config.adapter_name, config.detach_encoder, i == 0)
+        wrapped.append(SkipEditedUpBlock(block, tuners, config.adapter_name, config.detach_encoder, i == 0))
+    # A new list rather than `up_blocks[i] = ...`: CellList.__setitem__ re-derives the parameter
+    # name prefix from its current cells, which fails (IndexError in MindSpore) once a wrapped
+    # CrossAttnUpBlock2D comes first, as in SDXL's decoder.
+    unet.up_blocks = nn.CellList(wrapped)
     return get_sc_tuners(unet)
 
 
