@@ -62,6 +62,15 @@ def record_steps():
     return stub
 
 
+def pytest_terminal_summary(terminalreporter):
+    """This process's peak memory: scripts/run_tests.sh runs one file per process and the largest peak says how
+    many files can run side by side."""
+    import resource
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    terminalreporter.write_line(f"peak RSS {peak_gb:.1f} GB")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from mindscedit.models import make_tiny_model
