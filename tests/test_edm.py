@@ -90,6 +90,17 @@ def test_edm_scheduler_loss_follows_mindones_preconditioning(prediction_type):
     expected = np.mean(np.mean((denoised - x0) ** 2, axis=(1, 2, 3)))  # unweighted, as diffusers trains it
     assert value == pytest.approx(expected, rel=1e-4)
 
+    # The same from Karras et al.'s formulas in float64, independent of mindone.
+    s, sd = sigma.astype(np.float64), float(scheduler.config.sigma_data)
+    assert sd == 0.5
+    c_in = 1 / np.sqrt(s**2 + sd**2)
+    c_skip = sd**2 / (s**2 + sd**2)
+    c_out = s * sd / np.sqrt(s**2 + sd**2) * (1 if prediction_type == "epsilon" else -1)
+    np.testing.assert_allclose(sample, c_in * noisy, rtol=1e-5, atol=1e-6)
+    numpy_denoised = c_skip * noisy + c_out * pred
+    np.testing.assert_allclose(denoised, numpy_denoised, rtol=1e-4, atol=1e-5)
+    assert value == pytest.approx(np.mean((numpy_denoised - x0) ** 2), rel=1e-4)
+
 
 def test_without_edm_the_ddpm_loss_is_unchanged():
     loss = training_loss(ddpm_scheduler(), "epsilon", snr_gamma=5.0)
@@ -112,6 +123,28 @@ def test_min_snr_on_an_edm_folder_is_one_line(tiny_playground_model_dir, photos_
     assert tiny_playground_model_dir in line
 
 
+def test_min_snr_on_an_sd_folder_with_an_edm_scheduler_is_refused_before_class_images(tiny_model_dir, photos_dir,
+                                                                                      tmp_path, capsys):
+    """Any family whose folder ships an EDM scheduler trains EDM-style, so Min-SNR is refused there too,
+    and before prior preservation spends minutes generating class images."""
+    import json
+    import os
+
+    model = tmp_path / "sd_edm"
+    shutil.copytree(tiny_model_dir, model)
+    config = dict(PLAYGROUND_SCHEDULER, _class_name="EDMEulerScheduler")
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    class_dir = tmp_path / "class"
+    assert main(["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", photos_dir,
+                 "--instance_prompt", "a photo of sks cat", "--with_prior_preservation", "--class_data_dir",
+                 str(class_dir), "--class_prompt", "a photo of a cat", "--num_class_images", "2",
+                 "--output_dir", str(tmp_path / "out"), "--device_target", "CPU", "--snr_gamma", "5"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: snr_gamma: Min-SNR weighting is not defined for EDM-style training")
+    assert str(model) in line
+    assert not class_dir.exists() or not os.listdir(class_dir)
+
+
 def make_config(model_dir, data_dir, output_dir, **overrides):
     values = dict(pretrained_model_name_or_path=model_dir, train_data_dir=data_dir, output_dir=str(output_dir),
                   resolution=32, center_crop=True, train_batch_size=2, max_train_steps=30, checkpointing_steps=1000,
@@ -120,15 +153,21 @@ def make_config(model_dir, data_dir, output_dir, **overrides):
     return load_config(None, values)
 
 
+@pytest.mark.parametrize("method, learning_rate", [("scedit", 5e-3), ("vanilla", 3e-4), ("scedit_control", 5e-3)])
 @pytest.mark.slow
-def test_edm_style_training_lowers_the_loss_on_a_ddpm_model(tiny_model_dir, photos_dir, tmp_path):
-    trainer = Trainer(make_config(tiny_model_dir, photos_dir, tmp_path, do_edm_style_training=True)).build()
+def test_edm_style_training_lowers_the_loss_on_a_ddpm_model(method, learning_rate, tiny_model_dir, photos_dir,
+                                                             tmp_path):
+    trainer = Trainer(make_config(tiny_model_dir, photos_dir, tmp_path, do_edm_style_training=True, method=method,
+                                  learning_rate=learning_rate, control_type="canny")).build()
     assert isinstance(trainer.train_step.model.denoise.loss, EDMLoss)
     rng = np.random.default_rng(0)
     pixels = ms.Tensor(rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32))
     ids = trainer.family.prompt_tokenizer(trainer.components)("a photo of a cat")
-    inputs = (pixels, ms.Tensor(np.stack([ids, ids])), *trainer.draw_randomness(0, 2), ms.Tensor(5e-3, ms.float32))
-    losses = [float(trainer.train_step(*inputs)[1].asnumpy()) for _ in range(30)]
+    inputs = (pixels, ms.Tensor(np.stack([ids, ids])), *trainer.draw_randomness(0, 2))
+    if trainer.method.takes_condition:  # CSC-Tuner: a fixed condition image beside the batch
+        inputs += (ms.Tensor(rng.uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)),)
+    lr = ms.Tensor(learning_rate, ms.float32)
+    losses = [float(trainer.train_step(*inputs, lr)[1].asnumpy()) for _ in range(30)]
     assert np.mean(losses[-5:]) < 0.85 * losses[0], losses
 
 

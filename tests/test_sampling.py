@@ -212,6 +212,40 @@ def test_lora_file_loads_with_its_rank_alpha_and_scale(lora_file):
     assert all(not layer.is_on("lora0") for layer in layers.values())  # weight 0: the base layer exactly
 
 
+def _unet_output(lora_files):
+    """The tiny UNet's output on fixed inputs with `lora_files` loaded as the sampler's --lora loads them."""
+    ms.set_seed(2)
+    unet = build_unet(unet_preset("tiny"))
+    apply_loras(unet, lora_files, scale=1.0)
+    rng = np.random.default_rng(3)
+    x = ms.Tensor(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+    text = ms.Tensor(rng.standard_normal((1, 5, 32)).astype(np.float32))
+    return unet(x, ms.Tensor([400], ms.int32), text)[0].asnumpy()
+
+
+def test_merged_loras_load_in_the_sampler_and_act_as_their_sum(lora_file, tmp_path):
+    """merge-lora's output through the sampler's loading: cat with weights 1, 1 is exactly the two
+    adapters active together; a ties merge loads (rank kept) and changes the output."""
+    from mindscedit.cli import main
+    from mindscedit.tuners.lora.formats import LoraModule
+    from mindscedit.tuners.lora.io import read_lora_file, write_lora_file
+
+    rng = np.random.default_rng(7)
+    other = {name: LoraModule(rng.standard_normal(m.down.shape).astype(np.float32) * 0.1,
+                              rng.standard_normal(m.up.shape).astype(np.float32) * 0.1, m.alpha)
+             for name, m in read_lora_file(lora_file)[0].items()}
+    second = write_lora_file(other, str(tmp_path / "b.safetensors"))
+    for combination, options in (("cat", []), ("ties", ["--density", "0.5"])):
+        assert main(["merge-lora", lora_file, second, "--weights", "1", "1", "--combination", combination,
+                     "--out", str(tmp_path / combination), *options]) == 0
+    together = _unet_output([lora_file, second])
+    merged = _unet_output([str(tmp_path / "cat" / "pytorch_lora_weights.safetensors")])
+    np.testing.assert_allclose(merged, together, rtol=1e-4, atol=1e-5)
+    base, ties = _unet_output([]), _unet_output([str(tmp_path / "ties" / "pytorch_lora_weights.safetensors")])
+    assert np.isfinite(ties).all() and not np.allclose(ties, base, atol=1e-4)
+    assert not np.allclose(together, base, atol=1e-4)  # the adapters are strong enough to show
+
+
 @pytest.mark.smoke
 @pytest.mark.slow
 def test_cli_sample_writes_images_and_grids(tiny_vpred_model_dir, scedit_dir, lora_file, tmp_path):

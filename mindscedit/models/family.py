@@ -302,6 +302,7 @@ def _scheduler_class(path: str) -> str:
 
 
 def trains_edm_style(path: str) -> bool:
-    """Whether the folder's model is trained on the EDM schedule (Playground): its runs train
-    EDM-style whatever do_edm_style_training says."""
-    return detect_family(path).noise_schedule == "edm"
+    """Whether the folder's scheduler is an EDM one (Playground, or any family whose folder ships
+    EDMEuler / EDM DPM-Solver): its runs train EDM-style whatever do_edm_style_training says."""
+    detect_family(path)  # a folder that is not a model folder fails here, in its own words
+    return _scheduler_class(path).startswith(EDM_SCHEDULER_PREFIX)

@@ -207,12 +207,13 @@ class Trainer:
         self.plan = plan_run(c, len(self.records), self.runtime.world_size)
         for message in self.plan.messages:
             self._info("%s", message)
-        self.new_tokens = self._new_tokens() if c.train_text_encoder_ti else None
-        self.class_records = self._class_records() if c.with_prior_preservation else None
+        # Before class images are generated: refusing snr_gamma must not cost minutes of sampling.
         folder_is_edm = trains_edm_style(c.pretrained_model_name_or_path)
         if folder_is_edm and c.snr_gamma is not None:
             raise UserError(f"snr_gamma: Min-SNR weighting is not defined for EDM-style training, which "
                             f"{c.pretrained_model_name_or_path} (an EDM scheduler) always uses; leave snr_gamma unset")
+        self.new_tokens = self._new_tokens() if c.train_text_encoder_ti else None
+        self.class_records = self._class_records() if c.with_prior_preservation else None
         self.components = comps = load_components(c.pretrained_model_name_or_path)
         self.family = comps.family
         prediction_type = c.prediction_type or comps.prediction_type
