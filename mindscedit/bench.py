@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 from .errors import UserError
+from .output_paths import check_output_path
 
 ROW_MARKER = "BENCH_ROW "
 # Bench flags that set a method's option -> that option (config field); a row gives each for the
@@ -362,7 +363,7 @@ def run_bench(args) -> List[dict]:
     """Every (method, batch) in its own process; prints the table, writes the JSON lines."""
     cases = cases_from_args(args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        check_output_path(args.json, "--json", folder=False)
         open(args.json, "w").close()
     rows = []
     for case in cases:

@@ -10,35 +10,15 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 
 from .errors import UserError
+from .output_paths import check_output_path
 
 
 def _setup_logging():
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's own log: errors only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mindone").setLevel(logging.WARNING)  # its import-time notices ("Flash attention is available")
-
-
-def check_output_path(path: str, flag: str, folder: bool = True) -> None:
-    """Fail in one line, before any work, if `path` cannot be written as a folder (or a file)."""
-    target = os.path.abspath(path)
-    if folder and os.path.isfile(target):
-        raise UserError(f"{flag} {path} is a file, not a folder")
-    if not folder and os.path.isdir(target):
-        raise UserError(f"{flag} {path} is a folder; give a file name")
-    existing = os.path.dirname(target) if not folder else target
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag} {path} cannot be created: {existing} is a file")
-    # A real probe, not os.access: root passes os.access everywhere, yet cannot write to a
-    # read-only mount or to /proc.
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".mindscedit-write-check-", dir=existing))
-    except OSError as error:
-        raise UserError(f"{flag} {path} cannot be written: {existing}: {error.strerror}") from None
 
 
 def config_overrides(args) -> dict:
@@ -193,10 +173,18 @@ def cmd_merge_lora(args):
     print(f"merged {len(args.inputs)} LoRAs ({combination}, rank {'/'.join(map(str, ranks))}): wrote {written}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as every other bad input: one `error:` line naming the flag, exit 2 (argparse
+    would print the whole usage block first). Subcommand parsers are made of the same class."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training.config import add_config_flags
 
-    parser = argparse.ArgumentParser(prog="mindscedit", allow_abbrev=False)
+    parser = OneLineParser(prog="mindscedit", allow_abbrev=False)
     debug_help = "on an unexpected failure, show the full traceback"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)

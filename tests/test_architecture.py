@@ -12,7 +12,7 @@ import mindscedit
 PACKAGE = os.path.dirname(mindscedit.__file__)
 # Bottom to top. A module may import its own layer and the ones below, never one above.
 LAYERS = [
-    {"", "errors", "compat", "runtime", "layers", "losses", "tuners"},
+    {"", "errors", "output_paths", "compat", "runtime", "layers", "losses", "tuners"},
     {"models"},
     {"data"},
     {"training", "sampling"},

@@ -21,6 +21,10 @@ def _files(tmp_path):
                                           NOT_UTF8.strip() + b'"}\n')
     (tmp_path / "prompts.txt").write_bytes(b"a cat\n" + NOT_UTF8)
     (tmp_path / "photo.png").write_bytes(b"not really")
+    (tmp_path / "latin1.yaml").write_bytes(b"learning_rate: 1.0e-4\n# " + NOT_UTF8)
+    for run, state in (("damaged_run", "{garbage"), ("lora_run", '{"global_step": 2, "method": "lora"}')):
+        (tmp_path / run / "checkpoint-2").mkdir(parents=True)
+        (tmp_path / run / "checkpoint-2" / "state.json").write_text(state)
     return tmp_path
 
 
@@ -48,6 +52,24 @@ CASES = {
     "train validation_loss_samples 0": (["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
                                          "--validation_loss_samples", "0"],
                                         "validation_loss_samples must be >= 1, got 0"),
+    "train config not UTF-8": (["train", "--config", "{t}/latin1.yaml", "--output_dir", "{t}/out"],
+                               "{t}/latin1.yaml: not UTF-8 text (byte 27: b'\\xe9')"),
+    # The output folder's checkpoints are read before the model (here "m", which does not exist) loads.
+    "train into a folder with a damaged checkpoint": (["train", "--pretrained_model_name_or_path", "m",
+                                                       "--train_data_dir", "d", "--output_dir", "{t}/damaged_run"],
+                                                      "checkpoint {t}/damaged_run/checkpoint-2: state.json is "
+                                                      "unreadable"),
+    "train into another method's folder": (["train", "--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                            "--output_dir", "{t}/lora_run", "--method", "scedit"],
+                                           "output_dir {t}/lora_run holds checkpoints of a run with method 'lora'"),
+    "train resume of another method's checkpoint": (["train", "--pretrained_model_name_or_path", "m",
+                                                     "--train_data_dir", "d", "--output_dir", "{t}/lora_run",
+                                                     "--method", "scedit", "--resume_from_checkpoint", "latest"],
+                                                    "checkpoint {t}/lora_run/checkpoint-2 was saved by a 'lora' run"),
+    "train resume of a missing checkpoint": (["train", "--pretrained_model_name_or_path", "m", "--train_data_dir",
+                                              "d", "--output_dir", "{t}/out", "--resume_from_checkpoint",
+                                              "checkpoint-9"],
+                                             "resume_from_checkpoint: checkpoint-9 is not a complete checkpoint"),
     "sample seed below 0": (["sample", "--pretrained_model_name_or_path", "m", "--prompt", "a", "--seed", "-5",
                              "--output_dir", "{t}/out"], "--seed must be >= 0, got -5"),
     "sample output is a file": (["sample", "--pretrained_model_name_or_path", "m", "--prompt", "a",
@@ -134,3 +156,13 @@ def test_a_model_whose_unet_config_does_not_fit_together_is_bad_input(tiny_model
                  str(tmp_path / "out"), "--device_target", "CPU"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot load the model in {model}: "), err
+
+
+def test_a_file_output_in_a_folder_not_yet_made_is_written_there(tmp_path, capfd):
+    """annotate (as plot-logs, convert and merge-lora to a .safetensors, bench --json) makes the output's folder."""
+    import mindscedit
+
+    cat = os.path.join(os.path.dirname(mindscedit.__file__), "assets", "cat2", "cat.jpg")
+    out = tmp_path / "new" / "sub" / "edges.png"
+    assert main(["annotate", "--type", "canny", "--resolution", "64", cat, str(out)]) == 0
+    assert out.is_file() and "canny condition written to" in capfd.readouterr().out

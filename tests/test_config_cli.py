@@ -70,7 +70,21 @@ def test_a_value_flag_given_without_its_value_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--output_dir"])
     assert exit_info.value.code == 2
-    assert "argument --output_dir: expected one argument" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [  # one line, no usage block, as every other bad input
+        "error: mindscedit train: argument --output_dir: expected one argument (see mindscedit train --help)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "mindscedit: the following arguments are required: command"),
+    (["annotate", "--type", "edges", "a.png", "b.png"], "mindscedit annotate: argument --type: invalid choice"),
+    (["merge-lora", "a.safetensors", "--weights", "x", "--out", "m"], "argument --weights: invalid float value"),
+])
+def test_argument_errors_of_every_command_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and message in line
 
 
 def test_ascend_only_settings_are_refused_on_cpu():

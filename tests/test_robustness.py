@@ -179,6 +179,43 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(
     assert "4 bad samples were skipped" in caplog.text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["state.json", "truncated", "nan"])
+def test_the_cli_refuses_to_resume_a_damaged_checkpoint_and_leaves_the_folder_alone(
+    damage, killed_run, tiny_model_dir, data_dir, tmp_path, capfd
+):
+    """`train --resume_from_checkpoint latest` on a real run's folder whose checkpoint-2 is damaged:
+    exit 2, one line naming the file, and the folder's config, log and checkpoints as they were."""
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "out"
+    shutil.copytree(killed_run[0], out, symlinks=True)
+    checkpoint = out / "checkpoint-2"
+    state_file = checkpoint / "training_state.safetensors"
+    if damage == "state.json":
+        (checkpoint / "state.json").write_text("{garbage")
+        message = f"error: checkpoint {checkpoint}: state.json is unreadable"
+    elif damage == "truncated":
+        state_file.write_bytes(state_file.read_bytes()[:1000])
+        message = f"error: {state_file}: not a readable safetensors file"
+    else:
+        arrays = load_file(str(state_file))
+        key = sorted(k for k in arrays if k.startswith("param/"))[0]
+        arrays[key] = arrays[key].copy()
+        arrays[key].flat[0] = np.nan
+        save_file(arrays, str(state_file))
+        message = f"error: {state_file}: '{key}' holds 1 non-finite value(s)"
+    before = {p: open(p, "rb").read() for p in glob.glob(str(out / "**"), recursive=True) if os.path.isfile(p)}
+
+    assert main(cli_train(tiny_model_dir, data_dir, out, resume_from_checkpoint="latest")[1:]) == 2
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith(message), line
+    after = {p: open(p, "rb").read() for p in glob.glob(str(out / "**"), recursive=True) if os.path.isfile(p)}
+    # train_config.json, logs.jsonl and the checkpoints untouched, nothing added (glob skips the hidden
+    # temporary the kill left, which any start clears as stale).
+    assert after == before
+
+
 class NaNPixelsFrom:
     """Wraps the trainer's loader: NaN pixels from micro-step `first` on; weights recorded before each step."""
 

@@ -409,6 +409,23 @@ def test_non_finite_latents_are_reported_not_saved_as_black_images():
         Sampler._check_finite(latents, ["a", "b"], [0, 1, 0, 1], 2)
 
 
+def test_a_validation_that_goes_non_finite_warns_and_training_goes_on(tmp_path, caplog):
+    """The sampler's refusal, met during training: a warning naming the step, no folder, no exception."""
+    from mindscedit.sampling.validation import Validator
+
+    def diverged_sampler(prompts, **_):
+        Sampler._check_finite(np.full((1, 4, 2, 2), np.nan, np.float32), prompts, [0], 1)
+
+    validator = Validator.__new__(Validator)
+    validator.sampler, validator.prompts, validator.condition_images = diverged_sampler, ["a cat"], None
+    validator.output_dir, validator.resolution, validator.num_images, validator.seed = str(tmp_path), 32, 1, 0
+    with caplog.at_level(logging.WARNING, logger="mindscedit"):
+        assert validator(7) is None
+    assert not (tmp_path / "validation").exists()
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert message.startswith("validation at step 7: sampling gave non-finite latents for 1 of 1 images")
+
+
 @pytest.mark.slow
 def test_sample_with_a_vanilla_trained_unet(tiny_model_dir, tmp_path, capfd):
     """`--unet` takes vanilla training's output (OUTPUT_DIR/unet) in place of the model's UNet."""

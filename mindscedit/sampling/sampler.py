@@ -25,7 +25,7 @@ from mindspore import nn, ops
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import NonFiniteSamples, UserError
 from ..models.family import AddedConditions
 from ..models.graph_sharing import share_repeated_blocks
 from .schedulers import make_scheduler
@@ -212,7 +212,7 @@ class Sampler:
         bad = [n for n in range(len(latents)) if not np.isfinite(latents[n]).all()]
         if bad:
             n = bad[0]
-            raise UserError(f"sampling gave non-finite latents for {len(bad)} of {len(latents)} images (first: prompt "
+            raise NonFiniteSamples(f"sampling gave non-finite latents for {len(bad)} of {len(latents)} images (first: prompt "
                             f"{prompts[n // per_prompt]!r}, seed {seeds[n]}); no image was written. In fp16 try "
                             "--mixed_precision no; otherwise check the weights loaded")
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..errors import NonFiniteSamples
 from .images import save_images
 from .sampler import Sampler
 from .schedulers import schedulers_for
@@ -39,7 +40,19 @@ class Validator:
         self.num_images = num_images
         self.seed = seed
 
-    def __call__(self, global_step: int) -> str:
+    def __call__(self, global_step: int) -> Optional[str]:
+        """The folder of this step's images; None (and a warning) when sampling went non-finite."""
+        try:
+            images = self.sample()
+        except NonFiniteSamples as error:
+            logger.warning("validation at step %d: %s", global_step, error)
+            return None
+        folder = os.path.join(self.output_dir, "validation", f"step_{global_step}")
+        save_images(images, folder)
+        logger.info("validation images for step %d in %s", global_step, folder)
+        return folder
+
+    def sample(self) -> list:
         # One sampler call per prompt when each prompt has its own condition image.
         if self.condition_images:
             calls = [([p], [c]) for p, c in zip(self.prompts, self.condition_images)]
@@ -58,7 +71,4 @@ class Validator:
                 progress=False,
                 control_images=control_images,
             )
-        folder = os.path.join(self.output_dir, "validation", f"step_{global_step}")
-        save_images(images, folder)
-        logger.info("validation images for step %d in %s", global_step, folder)
-        return folder
+        return images

@@ -175,15 +175,11 @@ def save_training_state(folder: str, train_step, state: dict) -> None:
         json.dump(state, f, indent=2)
 
 
-def load_training_state(folder: str, train_step, method: Optional[str] = None, optimizer: Optional[str] = None) -> dict:
-    """Restore weights, optimizer and loss scaler from `folder`; returns its state.json.
-
-    Everything is checked before anything is set: a checkpoint that does not fit (another method
-    or model), does not parse or holds a non-finite value raises one line and leaves the weights
-    as they were.
-    """
+def read_checkpoint_state(folder: str, method: Optional[str] = None, optimizer: Optional[str] = None) -> dict:
+    """The checkpoint's state.json, checked to parse and to fit this run's method and optimizer:
+    what can be refused before any model loads."""
     try:
-        with open(os.path.join(folder, STATE_FILE)) as f:
+        with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
         if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
             raise ValueError("no global_step")
@@ -196,6 +192,17 @@ def load_training_state(folder: str, train_step, method: Optional[str] = None, o
     if optimizer and state.get("optimizer", "adamw") != optimizer:
         raise UserError(f"checkpoint {folder} holds '{state['optimizer']}' optimizer state; this run uses "
                         f"'{optimizer}' (resume with --optimizer {state['optimizer']})")
+    return state
+
+
+def load_training_state(folder: str, train_step, method: Optional[str] = None, optimizer: Optional[str] = None) -> dict:
+    """Restore weights, optimizer and loss scaler from `folder`; returns its state.json.
+
+    Everything is checked before anything is set: a checkpoint that does not fit (another method
+    or model), does not parse or holds a non-finite value raises one line and leaves the weights
+    as they were.
+    """
+    state = read_checkpoint_state(folder, method, optimizer)
     file = os.path.join(folder, TRAINING_STATE_FILE)
     if not os.path.isfile(file):
         raise UserError(f"checkpoint {folder} has no {TRAINING_STATE_FILE}")

@@ -348,11 +348,14 @@ def read_config_file(path: str) -> dict:
     """The file's keys as field names: sections (`lora: {rank: 8}`) flattened to their fields."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             loaded = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+                            "save it as UTF-8") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: expected a mapping of keys to values")
     values = {}

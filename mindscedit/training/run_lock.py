@@ -12,7 +12,7 @@ import socket
 from typing import Optional
 
 from ..errors import UserError
-from .checkpoint import STATE_FILE, list_checkpoints
+from .checkpoint import list_checkpoints, read_checkpoint_state
 
 logger = logging.getLogger("mindscedit")
 
@@ -59,8 +59,7 @@ def check_checkpoints_fit(output_dir: str, method: str, model: str, resuming: bo
     checkpoints = list_checkpoints(output_dir)
     if resuming or not checkpoints:
         return
-    with open(os.path.join(checkpoints[-1], STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_checkpoint_state(checkpoints[-1])  # a damaged one is refused in one line, naming it
     for key, ours in (("method", method), ("model", model)):
         theirs = state.get(key)
         if theirs is not None and theirs != ours:

@@ -31,6 +31,7 @@ from .checkpoint import (
     atomic_folder,
     load_training_state,
     prune_checkpoints,
+    read_checkpoint_state,
     remove_stale_temporaries,
     resolve_resume,
     save_training_state,
@@ -177,8 +178,13 @@ class Trainer:
         if self.runtime.device_target == "CPU" and config.mixed_precision == "fp16" and self.runtime.is_main:
             logger.warning(FP16_ON_CPU)
         self.method = get_method(config)
-        if self.runtime.is_main:  # before minutes of loading: another run may hold the folder
+        if self.runtime.is_main:  # before minutes of loading: what the folder holds may refuse the run
             check_output_dir_free(config.output_dir)
+            check_checkpoints_fit(config.output_dir, config.method, self.model_id,
+                                  resuming=bool(config.resume_from_checkpoint))
+            resume_path = resolve_resume(config.output_dir, config.resume_from_checkpoint)
+            if resume_path:  # its tensors are checked whole once the step exists to receive them
+                read_checkpoint_state(resume_path, config.method, config.optimizer)
             if config.report_to == "tensorboard":
                 require_tensorboard()
 
@@ -616,7 +622,7 @@ class Trainer:
                         with self.validation_weights():
                             folder = self.validator(global_step)
                         stop.reclaim()
-                        if reporter:
+                        if reporter and folder:
                             reporter.images(folder, global_step)
                         readings.restart_clock()  # nor is sampling time
                     if done:
