@@ -4,7 +4,8 @@ merge-lora.
 Exit codes: 0 done (train also after SIGINT/SIGTERM, which save a checkpoint first); 1 a run
 stopped by max_nonfinite_steps, check-data found problems, or a bench case crashed; 2 bad input
 (one line `error: ...` naming the file, row, key or flag); 3 an unexpected failure (one line;
-`mindscedit --debug <command> ...` shows the traceback).
+`mindscedit --debug <command> ...` shows the traceback); 130 Ctrl-C before train's own stop handler
+is in place (while loading) or in any other command.
 """
 import argparse
 import logging
@@ -296,6 +297,7 @@ def reject_unknown_arguments(extra, subparser) -> None:
 
 EXIT_BAD_INPUT = 2  # one `error:` line naming the file, row, key or flag
 EXIT_UNEXPECTED = 3  # a failure that is not the input's fault (exit 1: a diverged run, or problems check-data found)
+EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
 
 
 def main(argv=None) -> int:
@@ -308,6 +310,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # before train's own handler is in place (loading, compiling) or in another command
+        print(f"mindscedit {args.command}: interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001: the guard turns any crash into a short message and its own code
         if args.debug:
             raise

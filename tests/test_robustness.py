@@ -363,6 +363,19 @@ def test_cli_bad_input_is_one_error_line_before_any_model_loads(flags, message, 
     assert captured.err.strip().splitlines() == [f"error: {message}"]
 
 
+def test_ctrl_c_while_the_model_loads_is_one_line_and_exit_130(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "load_components", interrupted)
+    out = tmp_path / "out"
+    assert main(["train", "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", str(PHOTOS16),
+                 "--output_dir", str(out)]) == 130
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "mindscedit train: interrupted (Ctrl-C); nothing more was written"]
+    assert not out.exists() or not os.listdir(out)  # no config, log or checkpoint from a run that never started
+
+
 def test_cli_model_folder_missing_a_subfolder(tiny_model_dir, tmp_path, capfd):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir, broken)
