@@ -1,4 +1,6 @@
-"""Data-parallel training: 2 CPU workers under msrun against one process on the same global batch."""
+"""Data-parallel training: 2 CPU workers under msrun against one process on the same global batch.
+The runs are one epoch long (num_train_epochs, the step count derived from it per card) and report
+to TensorBoard, which only rank 0 writes."""
 import importlib.util
 import json
 import os
@@ -18,7 +20,7 @@ from mindscedit.training.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "run_train_distributed.sh")
-STEPS = 3
+STEPS = 4  # one epoch: 16 photos // (2 per card x 2 cards), or // 4 in one process
 
 
 def run_args(model_dir, data_dir, output_dir, batch_size):
@@ -31,7 +33,8 @@ def run_args(model_dir, data_dir, output_dir, batch_size):
         center_crop=True,
         random_flip=True,
         train_batch_size=batch_size,
-        max_train_steps=STEPS,
+        num_train_epochs=1,
+        report_to="tensorboard",
         learning_rate=1e-3,
         checkpointing_steps=2,
         seed=3,
@@ -76,7 +79,7 @@ def test_ranks_end_with_identical_weights_on_disjoint_shards(two_workers):
     for k in (0, 1):
         log = (two_workers.logs / f"worker_{k}.log").read_text()
         assert f"rank {k} of 2: data shard {k}, 2 samples per card, global batch 4" in log
-        assert "done: step 3" in log
+        assert f"done: step {STEPS}" in log
     assert "all 2 workers finished" in two_workers.stdout
 
 
@@ -85,15 +88,24 @@ def test_only_rank0_writes_and_img_per_s_counts_all_cards(two_workers):
     out = two_workers.out
     plotted = ["loss.png"] if importlib.util.find_spec("matplotlib") else []  # drawn at the end, with matplotlib
     assert sorted(os.listdir(out)) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "checkpoint-3", "logs.jsonl",
+        ["adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "checkpoint-4", "logs", "logs.jsonl",
          "train_config.json"] + plotted
     )
     logs = [json.loads(line) for line in open(out / "logs.jsonl")]
-    assert [r["step"] for r in logs] == [1, 2, 3]  # a second writer would append its own lines
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]  # a second writer would append its own lines
+    # TensorBoard: one writer (rank 0), every step once.
+    assert len(os.listdir(out / "logs")) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")], [r["loss"] for r in logs], rtol=1e-6)
     # The run's length in epochs counts each card's batches (16 samples // (2 x 2 cards)), said once.
     plan = "16 samples: 4 batches of 2 per card per epoch x 2 cards, 4 optimizer steps per epoch"
     said = [(two_workers.logs / f"worker_{k}.log").read_text() for k in (0, 1)]
-    assert [plan in log for log in said] == [True, False] and "max_train_steps 3 (0.75 epochs)" in said[0]
+    derived = "num_train_epochs 1 x 4 steps per epoch: max_train_steps 4 (1.00 epochs)"
+    assert [plan in log for log in said] == [True, False] and [derived in log for log in said] == [True, False]
     for record in logs:
         assert record["img_per_s"] * record["s_per_step"] == pytest.approx(4.0)  # 2 per card x 2 cards
     saved = load_file(str(out / "adapter_model.safetensors"))

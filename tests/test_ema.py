@@ -163,6 +163,38 @@ def test_final_weights_are_the_average_and_the_raw_ones_are_kept_beside_them(met
     assert saved_values(top) != saved_values(kept)
 
 
+TEXT_SIDE = {  # the text encoders' trainable weights are averaged too: LoRA on them, pivotal tuning's embeddings
+    "text_encoder_lora": (dict(method="lora", train_text_encoder=True), "pytorch_lora_weights.safetensors", "text_encoder."),
+    "pivotal_tuning": (dict(method="lora", train_text_encoder_ti=True, train_data_dir=None,
+                            instance_prompt="a photo of TOK cat"), "run_emb.safetensors", "clip_l"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_SIDE))
+def test_the_text_sides_final_weights_are_averages_too(case, tiny_model_dir, photos_dir, tmp_path):
+    import os
+
+    from safetensors.numpy import load_file
+
+    from mindscedit.training.trainer import RAW_WEIGHTS_FOLDER, Trainer
+
+    overrides, file, text_key = TEXT_SIDE[case]
+    cat2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mindscedit", "assets", "cat2")
+    if "instance_prompt" in overrides:
+        overrides = dict(overrides, instance_data_dir=cat2)
+    out = tmp_path / "run"
+    trainer = Trainer(trainer_config(tiny_model_dir, photos_dir, out, **overrides)).build()
+    params = trainer.train_step.parameters
+    for p, average in zip(params, trainer.ema.averages):
+        average.set_data(ms.Tensor(p.asnumpy() + 0.25))
+    trainer.save_final_weights()
+    top, raw = load_file(str(out / file)), load_file(str(out / RAW_WEIGHTS_FOLDER / file))
+    text = [key for key in top if key.startswith(text_key)]
+    assert text and set(top) == set(raw)
+    for key in text:  # every text-side tensor is its average, 0.25 above the trained one
+        np.testing.assert_allclose(top[key], raw[key] + 0.25, rtol=1e-6, atol=1e-6, err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def ema_run(tiny_model_dir, photos_dir, tmp_path_factory):
     """SC-Tuners, 8 steps with an EMA and 4 held-out samples evaluated every 4 steps; then steps 5-8 again from

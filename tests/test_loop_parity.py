@@ -361,6 +361,11 @@ def test_a_run_from_epochs_on_a_subset_with_a_scaled_rate(tiny_run, photos_dir):
     assert "train/loss_scale" in events.Tags()["scalars"] and "train/img_per_s" in events.Tags()["scalars"]
 
     assert first.plotted and f"loss curve in {tiny_run.out / 'loss.png'}" in first.log
+    from PIL import Image
+
+    with Image.open(tiny_run.out / "loss.png") as image:  # drawn from this real run's logs.jsonl
+        assert image.size == (800, 600)
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 10
 
 
 @pytest.mark.slow
