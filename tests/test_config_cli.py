@@ -126,6 +126,24 @@ def test_shipped_configs_are_valid(name):
         validate(config, device_target="CPU")  # the CPU demo configs must run here
 
 
+# scepter's SDXL recipes (sdxl_1024_sce_t2i.yaml, sdxl_1024_sce_ctr_depth.yaml): AdamW lr 1e-4, weight
+# decay 1e-2, 1024², batch 1, 2000 steps, fp16; the depth tuner with 3x3 dense hints.
+SDXL_RECIPE = dict(optimizer="adamw", learning_rate=1e-4, adam_weight_decay=1e-2, resolution=1024,
+                   train_batch_size=1, max_train_steps=2000, mixed_precision="fp16")
+
+
+@pytest.mark.parametrize("name, method, extra", [
+    ("sdxl_scedit.yaml", "scedit", {}),
+    ("sdxl_scedit_depth.yaml", "scedit_control", dict(control_type="depth", dense_hint_kernel=3)),
+    ("sdxl_lora.yaml", "lora", dict(rank=4, lora_alpha=4)),
+])
+def test_the_sdxl_configs_follow_scepters_recipe(name, method, extra):
+    config = load_config(os.path.join(REPO, "configs", name))
+    assert config.method == method
+    for key, value in dict(SDXL_RECIPE, **extra).items():
+        assert getattr(config, key) == value, key
+
+
 def test_an_unexpected_failure_is_one_line_with_its_own_exit_code(monkeypatch, capsys):
     import mindscedit.convert as convert_module
 

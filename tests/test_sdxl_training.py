@@ -46,11 +46,19 @@ def fixed_inputs(trainer, time_ids):
     return inputs
 
 
-@pytest.mark.parametrize("method", ["scedit", "lora", "vanilla", "scedit_control"])
+# DoRA on the attention and feed-forward layers; the others with their defaults.
+OPTIONS = {"dora": dict(method="lora", use_dora=True,
+                        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"])}
+
+
+@pytest.mark.parametrize("method", ["scedit", "lora", "vanilla", "scedit_control", "dora"])
 @pytest.mark.slow
 def test_each_method_trains_sdxl_and_touches_only_its_weights(method, tiny_sdxl_model_dir, photos_dir, tmp_path):
-    config = make_config(tiny_sdxl_model_dir, photos_dir, tmp_path, method=method,
-                         learning_rate=LEARNING_RATES[method], control_type="canny")
+    """Then, on the step compiled here, a 4-step run and its resume from checkpoint-2 match exactly."""
+    options = OPTIONS.get(method, dict(method=method))
+    method = options["method"]
+    config = make_config(tiny_sdxl_model_dir, photos_dir, tmp_path, learning_rate=LEARNING_RATES[method],
+                         control_type="canny", **options)
     trainer = Trainer(config).build()
     comps = trainer.components
     assert trainer.family is SDXL
@@ -79,6 +87,24 @@ def test_each_method_trains_sdxl_and_touches_only_its_weights(method, tiny_sdxl_
 
     trainer.method.save_weights(comps.unet, str(tmp_path / "weights"))
     assert os.path.exists(tmp_path / "weights" / WEIGHTS[method])
+    if "use_dora" in options:
+        names = [name for name, _ in comps.unet.parameters_and_names() if id(_) in trainable_ids]
+        assert any("ff.net.2" in n for n in names) and any("magnitude" in n for n in names), names[:5]
+
+    # Exact resume, every method: the run's batches, time ids and noise again from checkpoint-2.
+    run = dataclasses.replace(config, output_dir=str(tmp_path / "full"), max_train_steps=4, checkpointing_steps=2)
+    trainer.config = run
+    full = trainer.train()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    load_training_state(str(tmp_path / "full" / "checkpoint-2"), trainer.train_step, method)
+    trainer.config = dataclasses.replace(run, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="latest")
+    resumed = trainer.train()
+    assert full.global_step == resumed.global_step == 4 and resumed.losses == full.losses[2:]
+    first = load_file(str(tmp_path / "full" / "checkpoint-4" / "training_state.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "checkpoint-4" / "training_state.safetensors"))
+    assert first.keys() == again.keys()  # every trained tensor and its optimizer state
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key], err_msg=key)
 
 
 @pytest.mark.slow
@@ -137,6 +163,7 @@ def test_sdxl_parameter_counts():
         controlnet = count(ControlNetModel.from_unet(unet).get_parameters())
         inject_sc_tuners(unet, SCTunerConfig())
         lora = count(inject_lora(build_unet(unet_preset("sdxl")), LoRAConfig(rank=4, alpha=4)))
+        dora = count(inject_lora(build_unet(unet_preset("sdxl")), LoRAConfig(rank=4, alpha=4, use_dora=True)))
     assert count(sc_tuner_parameters(unet)) == 9_841_920  # 9 tuners, dims 1280, 1280, 640 x3, 320 x4
     # scepter's SDXL depth settings: pre-hint 3 -> 320, dense-hint kernel 3, one SC adapter per skip.
     assert count(csc.values()) == 45_033_040
@@ -145,6 +172,7 @@ def test_sdxl_parameter_counts():
     assert count(p for n, p in csc.items() if n.startswith("lsc_tuner_blocks.")) == 9_841_920
     assert controlnet == 1_251_014_160 and 0.035 < 45_033_040 / controlnet < 0.037  # 3.6% of ControlNet-XL
     assert lora == 5_806_080  # rank 4 on to_q, to_k, to_v, to_out.0
+    assert dora == lora + 665_600  # and a magnitude per output row of each of those projections
 
 
 @pytest.mark.parametrize("method, folder", [("scedit_control", "tiny_sdxl_model_dir"),
