@@ -422,6 +422,40 @@ def test_sdxl_sample_command_writes_the_images_of_the_sampler(sampler, tiny_sdxl
 
 
 @pytest.mark.slow
+def test_sdxl_sample_command_loads_sc_tuners_and_a_lora(sampler, tiny_sdxl_model_dir, sdxl_scedit_dir, tmp_path):
+    """`--scedit` and `--lora` on an SDXL folder through the command: both load onto the SDXL UNet;
+    at strength 0 the images are the base model's exactly, at strength 1 they are not."""
+    from mindscedit.models import build_unet
+    from mindscedit.models.tiny import tiny_sdxl_unet_config
+    from mindscedit.tuners.lora import LoRAConfig, inject_lora, save_lora
+
+    ms.set_seed(2)
+    trained = build_unet(tiny_sdxl_unet_config())
+    rng = np.random.default_rng(6)
+    for p in inject_lora(trained, LoRAConfig(rank=2, alpha=4)):
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.1))
+    save_lora(trained, str(tmp_path / "lora"), LoRAConfig(rank=2, alpha=4))
+    expected = pixels(sampler([PROMPTS[1]], seed=4, **ARGS))
+    for strength in ("0", "1"):
+        out = tmp_path / f"out{strength}"
+        command = [sys.executable, "-m", "mindscedit.cli", "sample", "--pretrained_model_name_or_path",
+                   tiny_sdxl_model_dir, "--prompt", PROMPTS[1], "--num_inference_steps", "3", "--guidance_scale", "5",
+                   "--height", "32", "--width", "32", "--num_images_per_prompt", "2", "--seed", "4",
+                   "--scedit", sdxl_scedit_dir, "--tuner_scale", strength, "--lora", str(tmp_path / "lora"),
+                   "--lora_scale", strength, "--output_dir", str(out), "--device_target", "CPU"]
+        done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        images = []
+        for k in range(2):
+            with Image.open(out / f"000-a-cat-seed{4 + k}.png") as png:
+                images.append(np.asarray(png))
+        if strength == "0":
+            np.testing.assert_array_equal(np.stack(images), expected)
+        else:
+            assert np.abs(np.stack(images).astype(int) - expected).max() > 0
+
+
+@pytest.mark.slow
 def test_playground_sample_command_uses_its_edm_scheduler(tiny_playground_model_dir, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "mindscedit.cli", "sample", "--pretrained_model_name_or_path",
