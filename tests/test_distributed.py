@@ -128,6 +128,24 @@ def test_two_cards_match_one_process_on_the_global_batch(two_workers, tiny_model
 
 
 @pytest.mark.slow
+def test_sdxl_trains_on_two_workers(tiny_sdxl_model_dir, photos_dir, tmp_path):
+    """The SDXL step (pooled prompt, time ids) under msrun: the ranks' CSC-Tuner and SC weights stay
+    identical through the all-reduce, and they trained."""
+    args = dict(run_args(tiny_sdxl_model_dir, photos_dir, tmp_path / "out", 2), method="scedit_control",
+                control_type="canny", num_train_epochs=None, max_train_steps=2, report_to="none")
+    proc, log_dir = launch(tmp_path, {k: v for k, v in args.items() if v is not None}, "sdxl")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = (np.load(tmp_path / "sdxl-dump" / f"rank{k}.npz") for k in (0, 1))
+    assert sorted(rank0.files) == sorted(rank1.files) and rank0.files
+    for key in rank0.files:
+        np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
+    # zero-initialised output projections of the adapters moved: the step trained
+    assert any(np.abs(rank0[k]).max() > 0 for k in rank0.files if k.endswith("ln2.weight"))
+    assert (tmp_path / "out" / "csc_tuner.safetensors").is_file()
+    assert "done: step 2" in (log_dir / "worker_1.log").read_text()
+
+
+@pytest.mark.slow
 def test_a_failing_worker_fails_the_launcher_and_names_its_log(tiny_model_dir, photos_dir, tmp_path):
     args = run_args(tiny_model_dir, photos_dir, tmp_path / "out", 2)
     args["pretrained_model_name_or_path"] = str(tmp_path / "no-such-model")
