@@ -32,7 +32,6 @@ ROW_MARKER = "BENCH_ROW "
 # Bench flags that set a method's option -> that option (config field); a row gives each for the
 # methods that read it.
 METHOD_ROW_FIELDS = {"lora_rank": "rank", "lora_targets": "lora_target_modules", "dense_hint_kernel": "dense_hint_kernel"}
-TEXT_LENGTH = 77  # CLIP's token count
 
 
 @dataclass
@@ -145,7 +144,7 @@ def run_case(case: BenchCase) -> dict:
     b, channels = case.batch_size, unet.config.in_channels
     inputs = [
         ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # latents
-        ms.Tensor(rng.standard_normal((b, TEXT_LENGTH, unet.config.cross_attention_dim), dtype=np.float32)),
+        ms.Tensor(rng.standard_normal((b, family.prompt_length, unet.config.cross_attention_dim), dtype=np.float32)),
         ms.Tensor(rng.standard_normal((b, channels, size, size), dtype=np.float32)),  # noise
     ]
     # The family's added conditions (SDXL: pooled prompt, time ids), then a condition image at full resolution.

@@ -66,22 +66,35 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     assert tops == ["training", "errors"] and layer_of("training") > layer_of("models")
 
 
-def test_no_method_name_is_tested_outside_the_methods():
-    """Method-specific behaviour lives in training/methods.py: nowhere else compares a method name."""
-    from mindscedit.training.methods import METHODS
-
+def names_compared_outside(names, own_files):
+    """file:line of every comparison with one of `names` in the package, except in `own_files`."""
     found = []
     for folder, _, files in os.walk(PACKAGE):
         for name in files:
             path = os.path.join(folder, name)
-            if not name.endswith(".py") or path.endswith(os.path.join("training", "methods.py")):
+            if not name.endswith(".py") or os.path.relpath(path, PACKAGE) in own_files:
                 continue
             for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
                 if isinstance(node, ast.Compare) and any(
-                    isinstance(c, ast.Constant) and c.value in METHODS for c in [node.left, *node.comparators]
+                    isinstance(c, ast.Constant) and c.value in names for c in [node.left, *node.comparators]
                 ):
                     found.append(f"{os.path.relpath(path, PACKAGE)}:{node.lineno}")
-    assert not found, found
+    return found
+
+
+def test_no_method_name_is_tested_outside_the_methods():
+    """Method-specific behaviour lives in training/methods.py: nowhere else compares a method name."""
+    from mindscedit.training.methods import METHODS
+
+    assert not names_compared_outside(METHODS, {os.path.join("training", "methods.py")})
+
+
+def test_no_optimizer_name_is_tested_outside_the_optimizers():
+    """An optimizer's settings checks and state live with it (training/optimizers.py, prodigy.py)."""
+    from mindscedit.training.optimizers import OPTIMIZERS
+
+    own = {os.path.join("training", "optimizers.py"), os.path.join("training", "prodigy.py")}
+    assert not names_compared_outside(OPTIMIZERS, own)
 
 
 def test_every_train_flag_has_a_description_and_its_choices_in_help():

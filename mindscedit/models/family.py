@@ -137,6 +137,7 @@ class StableDiffusion:
     size_conditions = ()
     noise_schedule = "ddpm"
     default_scheduler = "ddim"
+    prompt_length = 77  # tokens per prompt: CLIP's context, what the tokenizers pad to
 
     @staticmethod
     def size_condition_values(original_size, crop_top_left, target_size) -> tuple:
@@ -191,6 +192,7 @@ class SDXL:
     added_conditions = prompt_conditions + size_conditions
     noise_schedule = "ddpm"
     default_scheduler = "euler"  # the EulerDiscreteScheduler SDXL base ships with
+    prompt_length = StableDiffusion.prompt_length  # both encoders are CLIP's
 
     @staticmethod
     def size_condition_values(original_size, crop_top_left, target_size) -> tuple:

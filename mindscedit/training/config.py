@@ -420,6 +420,7 @@ def _check_declared(config: TrainConfig) -> None:
 
 def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
     from .methods import method_class
+    from .optimizers import check_optimizer_settings
 
     _check_declared(config)
     _check(config.pretrained_model_name_or_path is not None, "pretrained_model_name_or_path is required")
@@ -439,15 +440,13 @@ def validate(config: TrainConfig, device_target: Optional[str] = None) -> None:
     _check(config.resolution > 0 and config.resolution % 8 == 0,
            f"resolution must be a positive multiple of 8, got {config.resolution}")
     _check(all(p.strip() for p in config.validation_prompt), "validation_prompt: a prompt is empty")
-    # Prodigy divides by sqrt(v) + d * eps, and v is 0 wherever a gradient has been 0 (LoRA's A while B is 0).
-    _check(config.optimizer != "prodigy" or config.adam_epsilon > 0,
-           f"adam_epsilon must be > 0 with --optimizer prodigy, got {config.adam_epsilon}")
     _check(not (config.do_edm_style_training and config.snr_gamma is not None),
            "snr_gamma: Min-SNR weighting is not defined for EDM-style training (do_edm_style_training); unset one")
     _check(config.ema_min_decay <= config.ema_decay,
            f"ema_min_decay ({config.ema_min_decay}) is above ema_decay ({config.ema_decay})")
     _check(config.use_ema or not config.validation_use_ema, "validation_use_ema needs use_ema")
     method_class(config.method).check(config)
+    check_optimizer_settings(config)
     if device_target == "CPU":
         _check(config.jit_level != "O2", "jit_level O2 needs an Ascend device; use O0 or O1 on CPU")
         _check(config.mixed_precision != "bf16", BF16_ON_CPU)
@@ -465,9 +464,6 @@ def _check_pivotal_tuning(config: TrainConfig) -> None:
                    "(pivotal tuning) or train_text_encoder (text-encoder LoRA) too")
     for name in ("train_text_encoder_ti_frac", "train_text_encoder_frac"):
         _check(getattr(config, name) <= 1, f"{name} must be <= 1, got {getattr(config, name)}")
-    _check(config.optimizer != "prodigy" or config.text_encoder_lr in (None, config.learning_rate),
-           f"text_encoder_lr {config.text_encoder_lr} with --optimizer prodigy: Prodigy estimates one step size "
-           "for all weights on one learning rate; give it learning_rate's value (1.0) or leave it unset")
     if config.train_text_encoder_ti:
         words = [w.strip() for w in config.token_abstraction.split(",")]
         _check(all(words) and all(" " not in w for w in words),

@@ -19,8 +19,9 @@ without recompiling (0 stops a group: its weights, and its state, stay exactly a
 run of one group compiles to the same graph as before groups existed.
 
 A new optimizer is a class with those, a builder that reads its settings from the training
-config, and one entry in OPTIMIZERS. AdamW is here; Prodigy, longer, in prodigy.py.
+config (and, if some settings do not suit it, a check of them), and one entry in OPTIMIZERS. AdamW is here; Prodigy, longer, in prodigy.py.
 """
+from dataclasses import dataclass
 from typing import Callable, Dict, Sequence
 
 import mindspore as ms
@@ -30,7 +31,7 @@ from mindspore.ops import functional as F
 from mindone.trainers.adamw_mf import AdamW
 
 from .param_groups import GroupScales, ParamGroup, as_groups, flatten_groups
-from .prodigy import prodigy_from_config
+from .prodigy import check_prodigy_settings, prodigy_from_config
 
 
 
@@ -134,9 +135,21 @@ def _adamw_from_config(params, learning_rate, config) -> GatedAdamW:
                  config.adam_weight_decay)
 
 
-# name -> builder(trainable weights or ParamGroups, first learning rate, training config)
-OPTIMIZERS: Dict[str, Callable] = {"adamw": _adamw_from_config, "prodigy": prodigy_from_config}
+@dataclass(frozen=True)
+class OptimizerEntry:
+    build: Callable  # (trainable weights or ParamGroups, first learning rate, training config) -> optimizer
+    check: Callable = lambda config: None  # raises UserError (one line) for settings it cannot run with
+
+
+OPTIMIZERS: Dict[str, OptimizerEntry] = {
+    "adamw": OptimizerEntry(_adamw_from_config),
+    "prodigy": OptimizerEntry(prodigy_from_config, check_prodigy_settings),
+}
 
 
 def build_optimizer(name: str, params, learning_rate: float, config):
-    return OPTIMIZERS[name](as_groups(params), learning_rate, config)
+    return OPTIMIZERS[name].build(as_groups(params), learning_rate, config)
+
+
+def check_optimizer_settings(config) -> None:
+    OPTIMIZERS[config.optimizer].check(config)

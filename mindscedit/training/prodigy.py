@@ -220,6 +220,19 @@ class GatedProdigy(nn.Optimizer, GroupScales):
                 "optimizer/prodigy_k": self.k}
 
 
+def check_prodigy_settings(config) -> None:
+    """What Prodigy cannot run with, refused in one line when the config is validated."""
+    from ..errors import UserError
+
+    # It divides by sqrt(v) + d * eps, and v is 0 wherever a gradient has been 0 (LoRA's A while B is 0).
+    if config.adam_epsilon <= 0:
+        raise UserError(f"adam_epsilon must be > 0 with --optimizer prodigy, got {config.adam_epsilon}")
+    if config.text_encoder_lr not in (None, config.learning_rate):
+        raise UserError(f"text_encoder_lr {config.text_encoder_lr} with --optimizer prodigy: Prodigy estimates one "
+                        "step size for all weights on one learning rate; give it learning_rate's value (1.0) or "
+                        "leave it unset")
+
+
 def prodigy_from_config(params, learning_rate: float, config) -> GatedProdigy:
     """Prodigy with diffusers' flags: adam_* for the betas, epsilon and weight decay, prodigy_* for the rest."""
     c = config
