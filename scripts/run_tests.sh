@@ -25,8 +25,17 @@ run_file() {  # run_file FILE [pytest args...]: its output printed in one piece 
 export -f run_file
 export RESULTS
 
+# The longest files first (their last full-suite times), so that with two workers neither waits
+# alone at the end on a long file started late; then the rest in name order.
+LONGEST=(precision sdxl_training pivotal_tuning text_encoder_lora smoke sampling sdxl)
+files=()
+for name in "${LONGEST[@]}"; do [ -f "tests/test_$name.py" ] && files+=("tests/test_$name.py"); done
+for file in tests/test_*.py; do
+  [[ " ${files[*]} " == *" $file "* ]] || files+=("$file")
+done
+
 started=$(date +%s)
-ls tests/test_*.py | xargs -P "$WORKERS" -I{} bash -c 'run_file "$@"' _ {} "$@"
+printf '%s\n' "${files[@]}" | xargs -P "$WORKERS" -I{} bash -c 'run_file "$@"' _ {} "$@"
 
 failed=()
 ran=0
