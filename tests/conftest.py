@@ -62,6 +62,16 @@ def record_steps():
     return stub
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the selected tests in reverse order (tests must not depend on their order)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 def pytest_terminal_summary(terminalreporter):
     """This process's peak memory: scripts/run_tests.sh runs one file per process and the largest peak says how
     many files can run side by side."""
