@@ -87,16 +87,8 @@ def test_every_method_has_a_shipped_cpu_config():
     assert {"tiny_sdxl_scedit.yaml", "tiny_dreambooth_lora.yaml"} <= set(FP32_CONFIGS)
 
 
-# On MindSpore 2.7.0 (CI's oldest-version smoke set) the DreamBooth config (pivotal tuning, prior preservation)
-# did not finish in 600 s after its model was built, while 2.10 runs it in under a minute; the cause is not found
-# yet, so that combination is stated as unverified instead of hanging the smoke set.
-MS_27 = ms.__version__.startswith("2.7.")
-SMOKE_CONFIGS = [pytest.param(name, marks=pytest.mark.skip(reason="hangs on MindSpore 2.7.0, cause not found"))
-                 if MS_27 and "dreambooth" in name else name for name in FP32_CONFIGS]
-
-
 @pytest.mark.smoke
-@pytest.mark.parametrize("config_name", SMOKE_CONFIGS)
+@pytest.mark.parametrize("config_name", FP32_CONFIGS)
 @pytest.mark.slow
 def test_each_method_trains_through_the_compile_cache(config_name, tiny_model_dir, tiny_sdxl_model_dir, photos_dir,
                                                      tmp_path):
