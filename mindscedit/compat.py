@@ -15,10 +15,12 @@ Import the names below from here instead of from MindSpore:
     compile_config        the module whose COMPILE_PROFILE switch makes MindSpore print each
                           compile's phase times
 
-They are looked up on first use, not when this module is imported: some of them (the compile
-profile switch) only take effect if set before MindSpore reads them. A name whose module this
-MindSpore lacks raises ImportError, as the plain import did, naming every place tried and the
-MindSpore version; the caller then switches its feature off.
+`let_map_workers_shut_down()` works around a MindSpore 2.7 slip that can hang a run at its end.
+
+The names above are looked up on first use, not when this module is imported: some of them
+(the compile profile switch) only take effect if set before MindSpore reads them. A name whose
+module this MindSpore lacks raises ImportError, as the plain import did, naming every place tried
+and the MindSpore version; the caller then switches its feature off.
 """
 import importlib
 from types import ModuleType
@@ -69,3 +71,27 @@ def __getattr__(name: str):
         module_name, attribute = _ATTRIBUTES[name]
         return getattr(_module(module_name), attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def let_map_workers_shut_down() -> bool:
+    """Make a map's worker pool tell its clean-up process to quit when the pool is torn down.
+
+    MindSpore 2.7 tests the wrong attribute name (``eof`` for ``eof_clean_process``) in
+    ``_PythonMultiprocessing._abort_monitor``, so the clean-up process forked beside each map's
+    loader processes is never told to quit: tearing the pipeline down waits 5 s for it and then
+    sends it SIGTERM. Its C++ SIGTERM handler takes a mutex that can have been held by another
+    thread at fork time (two pipelines at once, as DreamBooth's instance and class loaders), and
+    then the handler, and the main process waiting for it, hang for good. Giving the pool the
+    attribute the check looks for lets the quit event be set, as later MindSpore versions do.
+
+    Call before a pipeline with Python worker processes is built. Returns True when this call
+    applied the fix (False on a MindSpore without the slip, and on later calls).
+    """
+    import inspect
+
+    from mindspore.dataset.engine.datasets import _PythonMultiprocessing as pool
+
+    if hasattr(pool, "eof") or "hasattr(self, 'eof')" not in inspect.getsource(pool._abort_monitor):
+        return False
+    pool.eof = True  # read only by that hasattr test
+    return True

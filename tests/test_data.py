@@ -347,6 +347,33 @@ def test_dataloader_matches_across_worker_counts(tokenizer):
     np.testing.assert_array_equal(one_worker[0]["input_ids"], np.stack([ids for _, ids in expected]))
 
 
+@pytest.mark.smoke
+def test_two_loaders_at_once_tell_their_clean_up_processes_to_quit(tokenizer):
+    """Each map with worker processes has a clean-up process beside them, which waits on an event;
+    tearing the pipeline down must set it. MindSpore 2.7 did not (see compat.let_map_workers_shut_down):
+    it sent SIGTERM after 5 s, and with two pipelines at once (DreamBooth) that could hang for good."""
+    import gc
+    import multiprocessing
+
+    from mindspore.dataset.engine.datasets import _PythonMultiprocessing
+
+    gc.collect()  # the pipelines of earlier tests gone
+    records = load_records(PHOTOS16)
+    loaders = [create_dataloader(records, tokenizer, 32, batch_size=2, num_workers=2, seed=seed) for seed in (0, 1)]
+    iterators = [loader.create_dict_iterator(num_epochs=1, output_numpy=True) for loader in loaders]
+    assert [next(iterator)["pixel_values"].shape for iterator in iterators] == [(2, 3, 32, 32)] * 2
+    # The events only: a reference to a pool itself would keep it from being torn down.
+    quit_events = [pool.eof_clean_process for pool in gc.get_objects() if type(pool) is _PythonMultiprocessing]
+    clean_ups = [p for p in multiprocessing.active_children() if p.name == "MapCleanProcess"]
+    assert len(quit_events) == len(clean_ups) == 2 and not any(event.is_set() for event in quit_events)
+    del loaders, iterators
+    gc.collect()
+    assert all(event.is_set() for event in quit_events)
+    for process in clean_ups:
+        process.join(timeout=60)
+    assert [process.exitcode for process in clean_ups] == [0, 0]
+
+
 def test_tiny_tokenizer_files(tmp_path):
     write_tiny_clip_tokenizer(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {

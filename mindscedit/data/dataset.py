@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from ..compat import let_map_workers_shut_down
 from ..models.text import PromptTokenizer
 from .conditions import ConditionSpec
 from .sources import DataError, Record
@@ -296,6 +297,8 @@ def create_dataloader(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if prefetch_size is not None:
         ms_dataset.config.set_prefetch_size(int(prefetch_size))
+    if num_workers > 1:
+        let_map_workers_shut_down()
 
     dataset = TextImageDataset(
         records, ImageTransform(resolution, center_crop, random_flip), tokenizer, seed, on_bad_sample, condition, family
